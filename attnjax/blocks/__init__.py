@@ -1,0 +1,49 @@
+"""Attention blocks for NHWC feature maps, behind one registry.
+
+    from attnjax import blocks
+    blocks.names()                       # ['seed', 'softmax']
+    block = blocks.create("seed", reduction=4)
+    y = block.apply(block.init(key, x), x)   # same shape as x
+
+Every block takes its channel count from the input, returns the input's shape, and sows
+its attention map(s) under the ``intermediates`` collection.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
+from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
+from attnjax.validate import InputError
+
+_REGISTRY: dict[str, type[nn.Module]] = {
+    "seed": SeedAttention,
+    "softmax": SoftmaxAttention,
+}
+
+
+def names() -> list[str]:
+    """The registered block names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, **options) -> nn.Module:
+    """Build the block registered as ``name`` with its keyword ``options``."""
+    try:
+        cls = _REGISTRY[name]
+    except KeyError:
+        raise InputError(f"unknown attention block {name!r}; valid names: {', '.join(names())}") from None
+    return cls(**options)
+
+
+__all__ = [
+    "SeedAttention",
+    "SoftmaxAttention",
+    "create",
+    "names",
+    "reduced_channels",
+    "sigmoid_gate",
+    "softmax_attention",
+    "spatial_softmax",
+]

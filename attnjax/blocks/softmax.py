@@ -1,0 +1,51 @@
+"""The tutorial's general mechanism (its section 3): softmax attention over positions.
+
+    w = conv1x1(x)                      attention weights from a (1x1 conv = dense) layer
+    s = w * x                           scores: weights times input features
+    a = softmax over (H, W) of s        values: one distribution over positions per channel
+    y = x + a                           residual output
+
+Each channel's map ``a[n, :, :, c]`` sums to 1 over the H*W positions. Note the scale:
+a uniform map is 1/(H*W) per position, so at initialisation the block is close to the
+identity and it learns how far to move from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from attnjax.validate import check_nhwc
+
+SPATIAL_AXES = (-3, -2)  # H and W of an NHWC array
+
+
+def spatial_softmax(scores: jax.Array) -> jax.Array:
+    """``softmax`` over the H and W axes of NHWC ``scores``, separately per image and channel."""
+    return jax.nn.softmax(scores, axis=SPATIAL_AXES)
+
+
+def softmax_attention(x: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``s = weights * x``, ``a = spatial_softmax(s)``, ``y = x + a``. Returns ``(y, a)``."""
+    values = spatial_softmax(weights * x)
+    return x + values, values
+
+
+class SoftmaxAttention(nn.Module):
+    """Section-3 attention: 1x1 conv weights, scores = weights * x, softmax over positions, residual.
+
+    NHWC in, same shape out; C is read from the input. Sows the softmax map as
+    ``intermediates/attention``.
+    """
+
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        check_nhwc(x, type(self).__name__)
+        weights = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="weights")(x)
+        y, values = softmax_attention(x, weights)
+        self.sow("intermediates", "attention", values)
+        return y

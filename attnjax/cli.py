@@ -1,0 +1,67 @@
+"""``python -m attnjax.train`` / ``attnjax-train``: parse the options, then train.
+
+python -m attnjax.train                                  # AttentionNet + seed block on digits
+python -m attnjax.train --block softmax --epochs 20 --workdir runs/softmax
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+from attnjax import data, models, train
+from attnjax.config import Config
+from attnjax.validate import InputError
+
+CHOICES = {"dataset": data.names, "model": models.names, "block": models.block_names}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m attnjax.train",
+        description="Train an attention CNN and report test accuracy after every epoch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for field in dataclasses.fields(Config):
+        choices = CHOICES[field.name]() if field.name in CHOICES else None
+        help_text = field.metadata["help"] + (f"; one of: {', '.join(choices)}" if choices else "")
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=field.type,
+            default=field.default,
+            choices=choices,
+            help=help_text,
+            metavar=field.name.upper(),
+        )
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="folder for config.json and metrics.jsonl (one JSON line per epoch); "
+        "default: a new folder runs/<dataset>-<model>-<block>-<time>. An existing run's results are never overwritten.",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, str]:
+    args = vars(build_parser().parse_args(argv))
+    workdir = args.pop("workdir")
+    config = Config(**args)
+    if workdir is None:
+        workdir = f"runs/{config.dataset}-{config.model}-{config.block}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return config, workdir
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, workdir = parse_args(argv)
+    print(f"attnjax: {config.model} + {config.block} on {config.dataset}; writing to {workdir}", flush=True)
+    try:
+        train.train_and_evaluate(config, workdir)
+    except (InputError, train.TrainingDiverged) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

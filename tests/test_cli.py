@@ -1,0 +1,110 @@
+"""`python -m attnjax.train` end to end, in subprocesses, as a user runs it (on 8 fake devices)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from attnjax.train import TIMING_FIELDS
+
+REQUIRED_FIELDS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_second"}
+
+
+def run(*args, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "attnjax.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+    )
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two runs with the same seed, two epochs each."""
+    results = []
+    for name in ("a", "b"):
+        workdir = tmp_path_factory.mktemp(name)
+        proc = run("--epochs", "2", "--seed", "3", "--workdir", str(workdir))
+        assert proc.returncode == 0, proc.stderr
+        results.append((proc, workdir))
+    return results
+
+
+def test_cli_trains_and_writes_one_metrics_line_per_epoch(two_runs):
+    proc, workdir = two_runs[0]
+    records = read_metrics(workdir)
+    assert [r["epoch"] for r in records] == [1, 2]
+    for record in records:
+        assert REQUIRED_FIELDS <= set(record)
+        assert record["test_examples"] == 360
+        assert 0.0 <= record["test_accuracy"] <= 1.0 and record["images_per_second"] > 0
+    assert records[-1]["test_accuracy"] > 0.8  # the embedded digits are learnt within 2 epochs
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    lines = proc.stdout.strip().splitlines()
+    assert sum(line.startswith("epoch ") for line in lines) == 2
+    assert lines[-1] == f"final test accuracy: {records[-1]['test_accuracy']:.4f} ({records[-1]['test_correct']}/360)"
+    config = json.loads((Path(workdir) / "config.json").read_text())
+    assert config["seed"] == 3 and config["devices"] == 8
+
+
+def test_same_seed_gives_identical_metrics_apart_from_timing(two_runs):
+    def strip(records):
+        return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in records]
+
+    (_, first), (_, second) = two_runs
+    assert strip(read_metrics(first)) == strip(read_metrics(second))
+
+
+def test_help_explains_every_option():
+    proc = run("--help")
+    assert proc.returncode == 0
+    for option in (
+        "--dataset",
+        "--model",
+        "--block",
+        "--epochs",
+        "--batch-size",
+        "--learning-rate",
+        "--seed",
+        "--workdir",
+    ):
+        assert option in proc.stdout
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "attnjax-train"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--block" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "option, value, valid",
+    [
+        ("--block", "squeeze", "none, seed, softmax"),
+        ("--model", "vgg", "attention_net"),
+        ("--dataset", "imagenet21k", "digits"),
+    ],
+)
+def test_unknown_names_list_the_valid_ones(option, value, valid):
+    proc = run(option, value)
+    assert proc.returncode == 2
+    assert f"invalid choice: '{value}'" in proc.stderr
+    for name in valid.split(", "):
+        assert name in proc.stderr
+
+
+def test_batch_that_does_not_split_is_a_one_line_error(tmp_path):
+    proc = run("--batch-size", "100", "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 2
+    assert "error: batch size 100 does not split over 8 devices: use a multiple of 8" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "w").exists()

@@ -1,0 +1,113 @@
+"""The train step learns, evaluation counts every example once, and bad runs fail clearly."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from attnjax import data, models, parallel
+from attnjax.config import Config
+from attnjax.train import (
+    METRICS_FILE,
+    TrainingDiverged,
+    create_train_state,
+    eval_step,
+    evaluate,
+    train_and_evaluate,
+    train_step,
+)
+
+
+def test_train_step_reduces_the_loss_on_a_fixed_batch():
+    ds = data.load("digits")
+    batch = {"image": ds.train_images[:64], "label": ds.train_labels[:64]}
+    state = create_train_state(
+        jax.random.key(0), models.create("attention_net", num_classes=10, block="seed"), (8, 8, 1), 1e-3
+    )
+    step = jax.jit(train_step)
+    state, first = step(state, batch)
+    for _ in range(20):
+        state, metrics = step(state, batch)
+    assert float(metrics["loss"]) < 0.2 * float(first["loss"])
+    assert float(metrics["accuracy"]) > float(first["accuracy"])
+    assert int(state.step) == 21
+
+
+def test_eval_batches_pad_the_last_batch_and_mask_it():
+    images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
+    labels = np.arange(10, dtype=np.int32)
+    got = list(data.eval_batches(images, labels, 4))
+    assert [b["image"].shape[0] for b in got] == [4, 4, 4]
+    np.testing.assert_array_equal(np.concatenate([b["mask"] for b in got]), [1] * 10 + [0, 0])
+    real = np.concatenate([b["label"][b["mask"] > 0] for b in got])
+    np.testing.assert_array_equal(real, labels)  # each example exactly once, in order
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_evaluate_counts_every_test_example_once(devices, num_devices):
+    ds = data.load("digits")
+    state = create_train_state(jax.random.key(0), models.create("attention_net", num_classes=10), (8, 8, 1), 1e-3)
+    used = devices[:num_devices]
+    p_eval = parallel.pmap_step(eval_step, used)
+    result = evaluate(p_eval, parallel.replicate(state, used), ds.test_images, ds.test_labels, 64, used)
+    assert result["count"] == len(ds.test_labels) == 360  # 360 is not a multiple of 64: the last batch is padded
+    logits = state.apply_fn({"params": state.params}, ds.test_images)
+    expected_correct = int(np.sum(np.argmax(logits, -1) == ds.test_labels))
+    assert result["correct"] == expected_correct
+    assert result["accuracy"] == pytest.approx(expected_correct / 360)
+
+
+def test_train_batches_are_full_shuffled_and_seeded():
+    images = np.arange(100, dtype=np.float32).reshape(100, 1, 1, 1)
+    labels = np.arange(100, dtype=np.int32)
+
+    def epoch(seed):
+        return [b["label"] for b in data.train_batches(images, labels, 32, np.random.default_rng(seed))]
+
+    first = epoch(1)
+    assert [len(b) for b in first] == [32, 32, 32]
+    assert len(np.unique(np.concatenate(first))) == 96
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(epoch(1)))
+    assert not np.array_equal(np.concatenate(first), np.concatenate(epoch(2)))
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    a, b = data.load("digits"), data.load("digits")
+    assert a.image_shape == (8, 8, 1) and a.num_classes == 10
+    assert len(a.train_labels) == 1437 and len(a.test_labels) == 360
+    np.testing.assert_array_equal(a.test_images, b.test_images)
+    assert 0.0 <= a.train_images.min() and a.train_images.max() <= 1.0
+    train_rows = {row.tobytes() for row in a.train_images}
+    overlap = sum(row.tobytes() in train_rows for row in a.test_images)
+    assert overlap <= 2  # load_digits holds a couple of duplicate images; the split itself is disjoint
+
+
+def test_diverging_loss_stops_with_a_clear_error_and_keeps_earlier_epochs(tmp_path):
+    config = Config(epochs=3, learning_rate=1e9)
+    with pytest.raises(TrainingDiverged, match=r"training diverged. Lower --learning-rate"):
+        train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
+    assert (tmp_path / "config.json").exists()
+
+
+def test_batch_size_that_does_not_split_over_devices_fails_before_training(devices, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"batch size 100 does not split over 8 devices: use a multiple of 8 \(for example 96 or 104\)"
+    ):
+        train_and_evaluate(Config(batch_size=100), str(tmp_path), devices=devices)
+    assert not os.listdir(tmp_path)
+
+
+def test_batch_larger_than_the_training_set_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"larger than the 1437 training examples"):
+        train_and_evaluate(Config(batch_size=2048), str(tmp_path), devices=jax.devices()[:1])
+
+
+def test_existing_results_are_never_overwritten(tmp_path):
+    metrics = tmp_path / METRICS_FILE
+    metrics.write_text(json.dumps({"epoch": 1, "test_accuracy": 0.99}) + "\n")
+    before = metrics.read_text()
+    with pytest.raises(ValueError, match=r"already exists from an earlier run.*new --workdir"):
+        train_and_evaluate(Config(epochs=1), str(tmp_path), devices=jax.devices()[:1])
+    assert metrics.read_text() == before
