@@ -111,3 +111,11 @@ def test_wrong_rank_names_the_expected_layout(name, shape):
 def test_zero_reduction_is_rejected():
     with pytest.raises(ValueError, match="reduction must be >= 1"):
         SeedAttention(reduction=0).init(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))
+
+
+@pytest.mark.parametrize("name", ["seed", "softmax"])
+def test_blocks_take_the_train_flag(name):
+    x = random_images((2, 6, 6, 16))
+    block = blocks.create(name)
+    variables = block.init(jax.random.key(0), x)
+    np.testing.assert_allclose(block.apply(variables, x, train=True), block.apply(variables, x, train=False))

@@ -5,8 +5,9 @@
     block = blocks.create("seed", reduction=4)
     y = block.apply(block.init(key, x), x)   # same shape as x
 
-Every block takes its channel count from the input, returns the input's shape, and sows
-its attention map(s) under the ``intermediates`` collection.
+Every block is called as ``block(x, train=False)`` on NHWC ``x``: it takes its channel
+count from the input, returns the input's shape, and sows its attention map(s) under the
+``intermediates`` collection. ``train`` selects batch statistics in blocks with batch norm.
 """
 
 from __future__ import annotations

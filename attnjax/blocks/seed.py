@@ -53,7 +53,8 @@ class SeedAttention(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no batch norm or dropout
         check_nhwc(x, type(self).__name__)
         channels = x.shape[-1]
         hidden = reduced_channels(channels, self.reduction, self.min_channels)

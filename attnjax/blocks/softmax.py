@@ -43,7 +43,8 @@ class SoftmaxAttention(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no batch norm or dropout
         check_nhwc(x, type(self).__name__)
         weights = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="weights")(x)
         y, values = softmax_attention(x, weights)

@@ -43,8 +43,7 @@ class AttentionNet(nn.Module):
     """The tutorial's network with a pluggable attention block (``None`` for the baseline).
 
     Takes NHWC images with any number of channels and any size; returns logits of shape
-    (batch, num_classes). ``train`` is accepted for a uniform model signature (this net has
-    no dropout or batch norm).
+    (batch, num_classes). ``train`` is passed on to the block (for blocks with batch norm).
     """
 
     num_classes: int = 10
@@ -53,7 +52,6 @@ class AttentionNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train
         who = type(self).__name__
         check_nhwc(x, who)
         if not self.is_initializing() and "conv1" in self.variables.get("params", {}):
@@ -63,7 +61,7 @@ class AttentionNet(nn.Module):
         x = nn.relu(nn.Conv(64, (3, 3), padding="SAME", dtype=self.dtype, name="conv1")(x))
         x = halve_axes_longer_than(x, TARGET_SIZE)
         if self.block is not None:
-            x = self.block(x)
+            x = self.block(x, train=train)
         x = nn.relu(nn.Conv(128, (3, 3), padding="SAME", dtype=self.dtype, name="conv2")(x))
         x = pool_to_at_most(x, TARGET_SIZE)
         x = x.reshape(x.shape[0], -1)

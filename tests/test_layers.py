@@ -1,0 +1,46 @@
+"""Shared layers: batch norm synchronised over the pmap axis equals one device on the global batch."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from attnjax import parallel
+from attnjax.layers import axis_is_bound, batch_norm
+
+
+class Norm(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+        return batch_norm(train)(x)
+
+
+def test_axis_is_bound_only_inside_pmap(devices):
+    assert not axis_is_bound(parallel.AXIS)
+    inside = jax.pmap(lambda x: x * axis_is_bound(parallel.AXIS), axis_name=parallel.AXIS)(jnp.ones(len(devices)))
+    np.testing.assert_array_equal(inside, np.ones(len(devices)))
+
+
+def test_batch_norm_under_pmap_normalises_over_the_global_batch(devices):
+    # Per-device means differ a lot, so unsynchronised batch norm would give other outputs.
+    x = np.random.default_rng(0).normal(size=(32, 3, 3, 4)).astype(np.float32) + np.arange(32)[:, None, None, None]
+    variables = Norm().init(jax.random.key(0), x, train=False)
+
+    single, single_state = Norm().apply(variables, x, train=True, mutable=["batch_stats"])
+
+    p_step = jax.pmap(
+        lambda v, b: Norm().apply(v, b, train=True, mutable=["batch_stats"]),
+        axis_name=parallel.AXIS,
+        in_axes=(None, 0),
+        out_axes=(0, None),
+    )
+    sharded, sharded_state = p_step(parallel.replicate(variables, devices), parallel.shard({"x": x}, len(devices))["x"])
+    np.testing.assert_allclose(np.asarray(sharded).reshape(x.shape), single, rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.tree.leaves(sharded_state), jax.tree.leaves(single_state), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_norm_in_eval_uses_running_averages():
+    x = np.random.default_rng(1).normal(size=(4, 2, 2, 3)).astype(np.float32) * 5 + 2
+    variables = Norm().init(jax.random.key(0), x, train=False)
+    np.testing.assert_allclose(Norm().apply(variables, x, train=False), x / np.sqrt(1 + 1e-5), rtol=1e-5)
