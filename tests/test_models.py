@@ -1,6 +1,7 @@
 """AttentionNet: shapes at every input size, pooling to about the tutorial's fc1, bad input."""
 
 import chex
+import numpy as np
 import jax
 import jax.numpy as jnp
 import pytest
@@ -71,3 +72,16 @@ def test_wrong_channel_count_for_a_trained_model_is_a_clear_error():
     variables = net.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))  # trained on grayscale
     with pytest.raises(ValueError, match=r"built for 1-channel images but got 3 channels"):
         net.apply(variables, jnp.zeros((2, 8, 8, 3)))
+
+
+@pytest.mark.parametrize(
+    "shape, window", [((2, 8, 8, 3), (2, 2)), ((1, 9, 7, 4), (2, 2)), ((2, 10, 5, 2), (2, 1)), ((1, 3, 16, 1), (1, 2))]
+)
+def test_max_pool_2x2_equals_flax_max_pool(shape, window):
+    from flax import linen as nn
+
+    from attnjax.models.attention_net import max_pool_2x2
+
+    x = jax.random.normal(jax.random.key(0), shape)
+    expected = nn.max_pool(x, window, strides=window, padding="VALID")
+    np.testing.assert_array_equal(max_pool_2x2(x, window), expected)

@@ -24,12 +24,25 @@ from attnjax.validate import check_channels, check_nhwc
 TARGET_SIZE = 8  # the tutorial's fc1 expects 8x8 maps
 
 
+def max_pool_2x2(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+    """Non-overlapping max pool of NHWC ``x`` with ``window`` (each 1 or 2); a trailing odd row/column is dropped.
+
+    Written as reshape + max rather than ``nn.max_pool``: on XLA:CPU the gradient of
+    ``max_pool`` (select-and-scatter) is about 10x slower than the gradient of a max
+    reduction (experiments/RESULTS.md). The forward results are identical.
+    """
+    wh, ww = window
+    b, h, w, c = x.shape
+    x = x[:, : h // wh * wh, : w // ww * ww]
+    return x.reshape(b, h // wh, wh, w // ww, ww, c).max(axis=(2, 4))
+
+
 def halve_axes_longer_than(x: jax.Array, size: int) -> jax.Array:
     """2x2 max pool (stride 2, no padding) along each spatial axis of NHWC ``x`` longer than ``size``."""
     window = tuple(2 if n > size else 1 for n in x.shape[1:3])
     if window == (1, 1):
         return x
-    return nn.max_pool(x, window, strides=window, padding="VALID")
+    return max_pool_2x2(x, window)
 
 
 def pool_to_at_most(x: jax.Array, size: int) -> jax.Array:
