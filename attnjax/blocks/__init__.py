@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from attnjax.blocks.se import SqueezeExcitation
 from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
 from attnjax.validate import InputError
@@ -21,6 +22,7 @@ from attnjax.validate import InputError
 _REGISTRY: dict[str, type[nn.Module]] = {
     "seed": SeedAttention,
     "softmax": SoftmaxAttention,
+    "se": SqueezeExcitation,
 }
 
 
@@ -41,6 +43,7 @@ def create(name: str, **options) -> nn.Module:
 __all__ = [
     "SeedAttention",
     "SoftmaxAttention",
+    "SqueezeExcitation",
     "create",
     "names",
     "reduced_channels",
