@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from attnjax.blocks.eca import EfficientChannelAttention
 from attnjax.blocks.se import SqueezeExcitation
 from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
@@ -23,6 +24,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "seed": SeedAttention,
     "softmax": SoftmaxAttention,
     "se": SqueezeExcitation,
+    "eca": EfficientChannelAttention,
 }
 
 
@@ -41,6 +43,7 @@ def create(name: str, **options) -> nn.Module:
 
 
 __all__ = [
+    "EfficientChannelAttention",
     "SeedAttention",
     "SoftmaxAttention",
     "SqueezeExcitation",
