@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from attnjax.blocks.cbam import CBAM
 from attnjax.blocks.eca import EfficientChannelAttention
 from attnjax.blocks.se import SqueezeExcitation
 from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
@@ -25,6 +26,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
     "se": SqueezeExcitation,
     "eca": EfficientChannelAttention,
+    "cbam": CBAM,
 }
 
 
@@ -43,6 +45,7 @@ def create(name: str, **options) -> nn.Module:
 
 
 __all__ = [
+    "CBAM",
     "EfficientChannelAttention",
     "SeedAttention",
     "SoftmaxAttention",
