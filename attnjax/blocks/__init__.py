@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from attnjax.blocks.bam import BAM
 from attnjax.blocks.cbam import CBAM
 from attnjax.blocks.eca import EfficientChannelAttention
 from attnjax.blocks.se import SqueezeExcitation
@@ -27,6 +28,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "se": SqueezeExcitation,
     "eca": EfficientChannelAttention,
     "cbam": CBAM,
+    "bam": BAM,
 }
 
 
@@ -45,6 +47,7 @@ def create(name: str, **options) -> nn.Module:
 
 
 __all__ = [
+    "BAM",
     "CBAM",
     "EfficientChannelAttention",
     "SeedAttention",
