@@ -17,6 +17,7 @@ import flax.linen as nn
 from attnjax.blocks.bam import BAM
 from attnjax.blocks.cbam import CBAM
 from attnjax.blocks.eca import EfficientChannelAttention
+from attnjax.blocks.gc import GlobalContext
 from attnjax.blocks.se import SqueezeExcitation
 from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
@@ -29,6 +30,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "eca": EfficientChannelAttention,
     "cbam": CBAM,
     "bam": BAM,
+    "gc": GlobalContext,
 }
 
 
@@ -50,6 +52,7 @@ __all__ = [
     "BAM",
     "CBAM",
     "EfficientChannelAttention",
+    "GlobalContext",
     "SeedAttention",
     "SoftmaxAttention",
     "SqueezeExcitation",
