@@ -16,6 +16,7 @@ import flax.linen as nn
 
 from attnjax.blocks.bam import BAM
 from attnjax.blocks.cbam import CBAM
+from attnjax.blocks.coord import CoordinateAttention
 from attnjax.blocks.eca import EfficientChannelAttention
 from attnjax.blocks.gc import GlobalContext
 from attnjax.blocks.se import SqueezeExcitation
@@ -31,6 +32,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "cbam": CBAM,
     "bam": BAM,
     "gc": GlobalContext,
+    "coord": CoordinateAttention,
 }
 
 
@@ -51,6 +53,7 @@ def create(name: str, **options) -> nn.Module:
 __all__ = [
     "BAM",
     "CBAM",
+    "CoordinateAttention",
     "EfficientChannelAttention",
     "GlobalContext",
     "SeedAttention",
