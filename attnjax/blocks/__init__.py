@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from attnjax.blocks.bam import BAM
+from attnjax.blocks.cbam import CBAM
+from attnjax.blocks.coord import CoordinateAttention
+from attnjax.blocks.eca import EfficientChannelAttention
+from attnjax.blocks.gc import GlobalContext
+from attnjax.blocks.se import SqueezeExcitation
 from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
 from attnjax.validate import InputError
@@ -21,6 +27,12 @@ from attnjax.validate import InputError
 _REGISTRY: dict[str, type[nn.Module]] = {
     "seed": SeedAttention,
     "softmax": SoftmaxAttention,
+    "se": SqueezeExcitation,
+    "eca": EfficientChannelAttention,
+    "cbam": CBAM,
+    "bam": BAM,
+    "gc": GlobalContext,
+    "coord": CoordinateAttention,
 }
 
 
@@ -39,8 +51,14 @@ def create(name: str, **options) -> nn.Module:
 
 
 __all__ = [
+    "BAM",
+    "CBAM",
+    "CoordinateAttention",
+    "EfficientChannelAttention",
+    "GlobalContext",
     "SeedAttention",
     "SoftmaxAttention",
+    "SqueezeExcitation",
     "create",
     "names",
     "reduced_channels",

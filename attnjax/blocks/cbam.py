@@ -1,0 +1,87 @@
+"""CBAM: a channel gate, then a spatial gate, each multiplying the features.
+
+Paper: Sanghyun Woo, Jongchan Park, Joon-Young Lee and In So Kweon (2018),
+"CBAM: Convolutional Block Attention Module", ECCV.
+
+What it computes, for NHWC ``x`` with C channels::
+
+    Mc = sigmoid(MLP(avgpool(x)) + MLP(maxpool(x)))      (N, 1, 1, C); one MLP C -> C/r -> C (ReLU), r = 16
+    x' = x * Mc
+    Ms = sigmoid(conv7x7([mean_c(x'); max_c(x')]))      (N, H, W, 1); 2 -> 1 channels, padding 3
+    y  = x' * Ms
+
+Sown maps, both in (0, 1): ``intermediates/channel``, Mc of shape (N, 1, 1, C), and
+``intermediates/spatial``, Ms of shape (N, H, W, 1).
+
+Deviations from the paper and choices it leaves open:
+
+- The spatial gate has no batch norm; its 7x7 conv has a bias. This is the paper's equation
+  ``Ms = sigmoid(f7x7([AvgPool(F); MaxPool(F)]))``. The official code (and timm) put a BN after a
+  bias-free conv. We follow the paper: the BN on a single channel right before the sigmoid makes
+  the gate depend on the other images in the batch during training, the paper does not describe
+  it, and leaving it out keeps CBAM free of batch statistics.
+- The pooled maps are concatenated as [mean, max], the paper's order. The official code
+  concatenates [max, mean], so its 7x7 kernel's two input channels are swapped relative to ours.
+- Bottleneck width ``reduced_channels(C, r) = max(C // r, min(C, 8))``, equal to the paper's C/r for
+  C >= 128; the floor keeps small C working. The MLP layers have biases, as in the official code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attnjax.blocks.se import global_avg_pool
+from attnjax.blocks.seed import reduced_channels, sigmoid_gate
+from attnjax.validate import InputError, check_nhwc
+
+
+def global_max_pool(x: jax.Array) -> jax.Array:
+    """``m[n, 0, 0, c] = max_{h,w} x[n, h, w, c]``, shape (N, 1, 1, C)."""
+    return jnp.max(x, axis=(1, 2), keepdims=True)
+
+
+def channel_pool(x: jax.Array) -> jax.Array:
+    """``[mean_c x ; max_c x]``: the mean and the max over channels, stacked as (N, H, W, 2)."""
+    return jnp.concatenate([jnp.mean(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)], axis=-1)
+
+
+class CBAM(nn.Module):
+    """CBAM block: channel gate from a shared MLP on avg- and max-pooled features, then a 7x7 spatial gate.
+
+    NHWC in, same shape out; C is read from the input. Sows ``intermediates/channel`` (N, 1, 1, C)
+    and ``intermediates/spatial`` (N, H, W, 1).
+    """
+
+    reduction: int = 16
+    kernel_size: int = 7
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no batch norm (see the module docstring) or dropout
+        check_nhwc(x, type(self).__name__)
+        k = self.kernel_size
+        if k < 1 or k % 2 == 0:
+            raise InputError(f"kernel_size must be a positive odd number (the paper uses 7), got {k}")
+        channels = x.shape[-1]
+        hidden = reduced_channels(channels, self.reduction)
+
+        reduce = nn.Dense(hidden, dtype=self.dtype, name="reduce")
+        expand = nn.Dense(channels, dtype=self.dtype, name="expand")
+
+        def mlp(z):  # shared by both pooled descriptors
+            return expand(nn.relu(reduce(z)))
+
+        x, channel_gate = sigmoid_gate(x, mlp(global_avg_pool(x)) + mlp(global_max_pool(x)))
+
+        pad = (k - 1) // 2
+        spatial = nn.Conv(1, (k, k), padding=((pad, pad), (pad, pad)), dtype=self.dtype, name="spatial_conv")
+        x, spatial_gate = sigmoid_gate(x, spatial(channel_pool(x)))
+
+        self.sow("intermediates", "channel", channel_gate)
+        self.sow("intermediates", "spatial", spatial_gate)
+        return x

@@ -1,0 +1,94 @@
+"""Efficient Channel Attention: a channel gate from a 1-D convolution across pooled channels.
+
+Paper: Qilong Wang, Banggu Wu, Pengfei Zhu, Peihua Li, Wangmeng Zuo and Qinghua Hu (2020),
+"ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks", CVPR.
+
+What it computes, for NHWC ``x`` with C channels::
+
+    z = mean over (H, W) of x                       (N, 1, 1, C)
+    k = |log2(C) / gamma + b / gamma|_odd           gamma = 2, b = 1
+    s = sigmoid(conv1d_k(z))                        across the channel axis, no bias, zero 'same' padding
+    y = x * s
+
+``|t|_odd`` is the odd number nearest to t; as in the official code, ``t`` is truncated and an even
+result is bumped up by one, which resolves the ties (t even) upwards. C=64 gives k=3, C=256 gives 5,
+C=2048 gives 7; C < 8 gives k=1.
+
+Sown map: ``intermediates/attention``, the channel gate ``s`` of shape (N, 1, 1, C), in (0, 1).
+
+Deviations from the paper: none in the computation. ``kernel_size`` may be set to override the
+adaptive k. The kernel is initialised LeCun-normal with fan-in k (Flax's default for a convolution),
+not PyTorch's default.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+from attnjax.blocks.se import global_avg_pool
+from attnjax.blocks.seed import sigmoid_gate
+from attnjax.validate import InputError, check_nhwc
+
+
+def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
+    """Adaptive kernel size ``k = |log2(C) / gamma + b / gamma|_odd``.
+
+    Computed as the official code does: ``t = int(|(log2(C) + b) / gamma|)``, ``k = t`` if t is odd
+    else ``t + 1``.
+    """
+    if channels < 1:
+        raise InputError(f"ECA needs at least 1 channel, got {channels}")
+    if gamma <= 0:
+        raise InputError(f"gamma must be > 0, got {gamma}; the paper uses gamma=2")
+    t = int(abs((math.log2(channels) + b) / gamma))
+    return t if t % 2 else t + 1
+
+
+def channel_conv(z: jax.Array, kernel: jax.Array) -> jax.Array:
+    """1-D cross-correlation along the last (channel) axis with zero 'same' padding, no bias.
+
+    ``out[..., c] = sum_{j=0}^{k-1} kernel[j] * z[..., c + j - (k-1)/2]``, with ``z`` taken as 0
+    outside [0, C). ``kernel`` has odd length k; the output has the shape of ``z``.
+    """
+    k = kernel.shape[0]
+    pad = (k - 1) // 2
+    padded = jnp.pad(z, [(0, 0)] * (z.ndim - 1) + [(pad, pad)])
+    channels = z.shape[-1]
+    return sum(kernel[j] * padded[..., j : j + channels] for j in range(k))
+
+
+class EfficientChannelAttention(nn.Module):
+    """ECA block: global average pool, 1-D conv of adaptive size k across channels, sigmoid, times the input.
+
+    NHWC in, same shape out; C is read from the input and sets k (unless ``kernel_size`` is given).
+    The single parameter is ``kernel`` of shape (k,). Sows the (N, 1, 1, C) gate as
+    ``intermediates/attention``.
+    """
+
+    gamma: float = 2
+    b: float = 1
+    kernel_size: int | None = None  # None: the adaptive k of the paper
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # no batch norm or dropout
+        check_nhwc(x, type(self).__name__)
+        k = self.kernel_size
+        if k is None:
+            k = eca_kernel_size(x.shape[-1], self.gamma, self.b)
+        elif k < 1 or k % 2 == 0:
+            raise InputError(f"kernel_size must be a positive odd number (or None for the adaptive size), got {k}")
+        # LeCun normal with fan-in k, as nn.Conv would initialise a 1-in, 1-out width-k kernel
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(), out_axis=())
+        kernel = self.param("kernel", init, (k,))
+        z, kernel = promote_dtype(global_avg_pool(x), kernel, dtype=self.dtype)
+        y, gate = sigmoid_gate(x, channel_conv(z, kernel))
+        self.sow("intermediates", "attention", gate)
+        return y

@@ -1,0 +1,79 @@
+"""Global context block: one softmax-pooled context vector, transformed and added at every position.
+
+Paper: Yue Cao, Jiarui Xu, Stephen Lin, Fangyun Wei and Han Hu (2019),
+"GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond", ICCV Workshops.
+
+What it computes, for NHWC ``x`` with C channels and r = 16::
+
+    a = softmax over the H*W positions of (x W_k)             context modelling: 1x1 conv C -> 1, (N, H, W, 1)
+    c = sum_{h,w} a[n, h, w] * x[n, h, w, :]                  (N, 1, 1, C)
+    t = conv1x1(relu(LayerNorm(conv1x1(c))))                  transform: C -> C/r -> C
+    y = x + t                                                 fusion by addition, broadcast over positions
+
+Sown map: ``intermediates/attention``, the softmax weights ``a`` of shape (N, H, W, 1); they are
+positive and sum to 1 over the positions of each image.
+
+Choices and deviations:
+
+- The last 1x1 conv of the transform is zero-initialised (``zero_init_last=True``), as in the official
+  code, so that the block starts as the identity ``y = x``: it can be inserted into a trained network
+  without changing its function, and it learns how much context to add. The paper does not state the
+  initialisation.
+- The context conv W_k has no bias, as in the paper's formula. The official code has one, but a
+  constant added to every position's logit cancels in the softmax, so it changes nothing.
+- LayerNorm uses epsilon 1e-5 (PyTorch's default, which the official code uses) instead of Flax's 1e-6.
+- Bottleneck width ``reduced_channels(C, r) = max(C // r, min(C, 8))``, equal to the paper's C/r for
+  C >= 128; the floor keeps small C working.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attnjax.blocks.seed import reduced_channels
+from attnjax.blocks.softmax import spatial_softmax
+from attnjax.validate import check_nhwc
+
+
+def attention_pool(x: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Softmax-weighted sum over positions: ``a = softmax over (H, W) of logits``, ``c = sum_{h,w} a * x``.
+
+    ``logits`` is (N, H, W, 1), so ``c[n, 0, 0, :] = sum_{h,w} a[n, h, w, 0] * x[n, h, w, :]``.
+    Returns ``(c, a)``: c of shape (N, 1, 1, C), a of the shape of ``logits``.
+    """
+    weights = spatial_softmax(logits)
+    return jnp.sum(weights * x, axis=(1, 2), keepdims=True), weights
+
+
+class GlobalContext(nn.Module):
+    """GC block: softmax attention pooling to one context vector, bottleneck transform with LayerNorm, add.
+
+    NHWC in, same shape out; C is read from the input. Sows the (N, H, W, 1) softmax weights as
+    ``intermediates/attention``.
+    """
+
+    reduction: int = 16
+    zero_init_last: bool = True
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train  # LayerNorm, no batch statistics
+        check_nhwc(x, type(self).__name__)
+        channels = x.shape[-1]
+        hidden = reduced_channels(channels, self.reduction)
+
+        logits = nn.Conv(1, (1, 1), use_bias=False, dtype=self.dtype, name="context")(x)
+        context, weights = attention_pool(x, logits)
+
+        t = nn.Conv(hidden, (1, 1), dtype=self.dtype, name="reduce")(context)
+        t = nn.relu(nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(t))
+        last_init = nn.initializers.zeros if self.zero_init_last else nn.linear.default_kernel_init
+        t = nn.Conv(channels, (1, 1), kernel_init=last_init, dtype=self.dtype, name="expand")(t)
+
+        self.sow("intermediates", "attention", weights)
+        return x + t

@@ -1,0 +1,218 @@
+"""BAM: outputs, maps and batch-norm statistics against a PyTorch BAM written from the paper (eval and train
+mode), and its properties.
+
+Train mode is compared in float64. Batch norm over a small batch divides by the batch's standard
+deviation, which for a channel whose few values nearly coincide is tiny (e.g. two images whose channel
+means differ by 0.008): float32 rounding differences between any two correct implementations are then
+amplified far beyond 1e-5. Float64 removes that rounding noise, so what is compared is the math.
+"""
+
+from functools import partial
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax.test_util import check_grads
+from torch import nn
+from torch_reference import flax_to_torch_state, nhwc_to_nchw
+
+from attnjax import blocks
+from attnjax.blocks.bam import BAM, bam_attention
+
+TOL = 1e-5
+MOMENTUM = 0.9  # Flax's convention (weight of the old average); PyTorch's momentum=0.1 is the same update
+PROPERTY_SHAPES = [(2, 8, 8, 64), (1, 7, 7, 16), (3, 1, 1, 32), (2, 5, 9, 24), (2, 3, 4, 20)]
+PARITY_SHAPES = [(2, 8, 8, 32), (3, 7, 5, 20), (2, 1, 1, 12), (4, 3, 10, 48)]
+
+
+class TorchBAM(nn.Module):
+    """Park et al. 2018, NCHW, with attnjax's documented choices (hidden BN + ReLU, final BNs, sum fusion).
+
+    Mc = BN(FC(relu(BN(FC(AvgPool(x)))))), Ms = BN(conv1x1(g(g(g0(x))))) with g0 = relu(BN(conv1x1)) and
+    g = relu(BN(conv3x3, dilation 4)); M = sigmoid(Mc + Ms); y = x + x * M. Returns (y, Mc, Ms, M).
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, dilation: int = 4):
+        super().__init__()
+        hidden = max(channels // reduction, min(channels, 8))
+        self.channel_reduce = nn.Linear(channels, hidden)
+        self.channel_reduce_bn = nn.BatchNorm1d(hidden)
+        self.channel_expand = nn.Linear(hidden, channels)
+        self.channel_bn = nn.BatchNorm1d(channels)
+        self.spatial_reduce = nn.Conv2d(channels, hidden, 1)
+        self.spatial_reduce_bn = nn.BatchNorm2d(hidden)
+        self.spatial_dilated_0 = nn.Conv2d(hidden, hidden, 3, padding=dilation, dilation=dilation)
+        self.spatial_dilated_0_bn = nn.BatchNorm2d(hidden)
+        self.spatial_dilated_1 = nn.Conv2d(hidden, hidden, 3, padding=dilation, dilation=dilation)
+        self.spatial_dilated_1_bn = nn.BatchNorm2d(hidden)
+        self.spatial_final = nn.Conv2d(hidden, 1, 1)
+        self.spatial_bn = nn.BatchNorm2d(1)
+
+    def forward(self, x):
+        mc = F.relu(self.channel_reduce_bn(self.channel_reduce(x.mean(dim=(2, 3)))))
+        mc = self.channel_bn(self.channel_expand(mc))[:, :, None, None]
+        ms = F.relu(self.spatial_reduce_bn(self.spatial_reduce(x)))
+        ms = F.relu(self.spatial_dilated_0_bn(self.spatial_dilated_0(ms)))
+        ms = F.relu(self.spatial_dilated_1_bn(self.spatial_dilated_1(ms)))
+        ms = self.spatial_bn(self.spatial_final(ms))
+        m = torch.sigmoid(mc + ms)
+        return x + x * m, mc, ms, m
+
+
+def random_images(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def random_variables(block, x, seed=0):
+    """Variables of ``block``'s structure for input ``x``, drawn with NumPy (no compilation, unlike ``init``).
+
+    Kernels ~ N(0, 1/fan_in); biases, BN shifts and running means ~ N(0, 0.3^2); BN scales in
+    [0.5, 1.5]; running variances in [0.5, 2]: all non-trivial, so that all take part in the comparison.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+        elif name == "scale":
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        elif name == "var":
+            value = rng.uniform(0.5, 2.0, leaf.shape)
+        else:
+            value = 0.3 * rng.normal(size=leaf.shape)
+        return value.astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(block.init, jax.random.key(0), x))
+
+
+def to_torch_state(variables):
+    """attnjax variables as a PyTorch state dict: BN scale -> weight, batch_stats mean/var -> running_mean/var."""
+    state = {k.replace(".scale", ".weight"): v for k, v in flax_to_torch_state(variables["params"]).items()}
+    for name, value in flax_to_torch_state(variables["batch_stats"]).items():
+        module, stat = name.rsplit(".", 1)
+        state[f"{module}.running_{stat}"] = value
+        state[f"{module}.num_batches_tracked"] = torch.tensor(0)
+    return state
+
+
+def pytorch_running_var(new, old, count):
+    """Flax's updated running variance as PyTorch would store it.
+
+    Both mix the batch variance into the running average with the same momentum, but PyTorch uses the
+    unbiased batch variance (divided by count - 1) and Flax the biased one (divided by count).
+    """
+    batch_var = (new - MOMENTUM * old) / (1 - MOMENTUM)
+    return MOMENTUM * old + (1 - MOMENTUM) * batch_var * count / (count - 1)
+
+
+def nchw_to_nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def setup(shape, seed=0):
+    x = random_images(shape, seed)
+    block = BAM()
+    variables = random_variables(block, x, seed + 1)
+    reference = TorchBAM(shape[-1])
+    reference.load_state_dict(to_torch_state(variables), strict=True)
+    return x, block, variables, reference
+
+
+def assert_maps_match(y, maps, expected):
+    expected_y, expected_mc, expected_ms, expected_m = map(nchw_to_nhwc, expected)
+    np.testing.assert_allclose(y, expected_y, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(maps["channel"][0], expected_mc, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(maps["spatial"][0], expected_ms, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(maps["attention"][0], expected_m, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES)
+def test_eval_mode_matches_pytorch_with_running_statistics(shape):
+    x, block, variables, reference = setup(shape)
+    y, state = jax.jit(partial(block.apply, mutable=["intermediates"]))(variables, x)
+    with torch.no_grad():
+        expected = reference.eval()(nhwc_to_nchw(x))
+    assert_maps_match(y, state["intermediates"], expected)
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES[1:])
+def test_train_mode_matches_pytorch_and_updates_the_same_running_statistics(shape):
+    x, block, variables, reference = setup(shape, seed=5)
+    x, variables = jax.tree.map(lambda a: a.astype(np.float64), (x, variables))
+    with jax.enable_x64(True):
+        y, state = jax.jit(partial(block.apply, train=True, mutable=["intermediates", "batch_stats"]))(variables, x)
+    with torch.no_grad():
+        expected = reference.double().train()(nhwc_to_nchw(x))
+    assert_maps_match(y, state["intermediates"], expected)
+
+    n, h, w, _ = shape
+    torch_state = reference.state_dict()
+    for name, stats in jax.tree.map(np.asarray, state["batch_stats"]).items():
+        count = n if name.startswith("channel") else n * h * w  # values per channel that each BN averages
+        old = variables["batch_stats"][name]
+        np.testing.assert_allclose(stats["mean"], torch_state[f"{name}.running_mean"], rtol=TOL, atol=TOL)
+        np.testing.assert_allclose(
+            pytorch_running_var(stats["var"], old["var"], count), torch_state[f"{name}.running_var"], rtol=TOL, atol=TOL
+        )
+
+
+@pytest.mark.parametrize("shape", PROPERTY_SHAPES)
+def test_shape_gate_and_sown_maps(shape):
+    x = random_images(shape)
+    block = blocks.create("bam")
+    y, state = jax.jit(partial(block.apply, mutable=["intermediates"]))(random_variables(block, x), x)
+    maps = state["intermediates"]
+    assert sorted(maps) == ["attention", "channel", "spatial"]
+    (channel,), (spatial,), (gate,) = maps["channel"], maps["spatial"], maps["attention"]
+    n, h, w, c = shape
+    chex.assert_shape(y, shape)
+    chex.assert_shape(channel, (n, 1, 1, c))
+    chex.assert_shape(spatial, (n, h, w, 1))
+    chex.assert_shape(gate, shape)
+    chex.assert_tree_all_finite((y, channel, spatial, gate))
+    assert jnp.all(gate > 0) and jnp.all(gate < 1)
+    np.testing.assert_allclose(gate, jax.nn.sigmoid(channel + spatial), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y, x + x * gate, rtol=1e-5, atol=1e-6)
+
+
+def test_init_shapes_and_finite_output():
+    x = random_images((2, 3, 3, 20))
+    block = BAM()
+    variables = jax.jit(block.init)(jax.random.key(0), x)
+    params = variables["params"]
+    chex.assert_shape(params["channel_reduce"]["kernel"], (20, 8))
+    chex.assert_shape(params["spatial_dilated_0"]["kernel"], (3, 3, 8, 8))
+    chex.assert_shape(params["spatial_final"]["kernel"], (1, 1, 8, 1))
+    assert set(variables["batch_stats"]) == {k for k in params if k.endswith("bn")}
+    y_train, _ = jax.jit(partial(block.apply, train=True, mutable=["batch_stats"]))(variables, x)
+    chex.assert_tree_all_finite((variables, y_train))
+
+
+def test_bam_attention_formula_and_gradients():
+    x = random_images((2, 3, 4, 5))
+    channel = random_images((2, 1, 1, 5), seed=1)
+    spatial = random_images((2, 3, 4, 1), seed=2)
+    y, gate = bam_attention(x, channel, spatial)
+    expected = 1 / (1 + np.exp(-(channel + spatial)))
+    np.testing.assert_allclose(gate, expected, rtol=1e-6)
+    np.testing.assert_allclose(y, x * (1 + expected), rtol=1e-5)
+    check_grads(bam_attention, (x, channel, spatial), order=2, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (2, 64), (1, 2, 8, 8, 3)])
+def test_wrong_rank_names_the_expected_layout(shape):
+    with pytest.raises(ValueError, match=r"BAM expects .*NHWC, rank 4.*got shape"):
+        BAM().init(jax.random.key(0), jnp.zeros(shape))
+
+
+@pytest.mark.parametrize(
+    "options, message", [({"reduction": 0}, "reduction must be >= 1"), ({"dilation": 0}, "dilation must be >= 1")]
+)
+def test_bad_options_are_rejected(options, message):
+    with pytest.raises(ValueError, match=message):
+        BAM(**options).init(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))

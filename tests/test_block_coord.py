@@ -1,0 +1,222 @@
+"""CoordinateAttention: output, maps and batch-norm statistics against a PyTorch coordinate attention written
+from the paper (eval and train mode), and its properties.
+
+Train mode is compared in float64, for the reason given in test_block_bam.py: batch norm over few values
+amplifies float32 rounding differences between any two correct implementations beyond 1e-5.
+"""
+
+from functools import partial
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax.test_util import check_grads
+from torch import nn
+from torch_reference import flax_to_torch_state, nhwc_to_nchw
+
+from attnjax import blocks
+from attnjax.blocks.coord import (
+    CoordinateAttention,
+    coordinate_gate,
+    directional_pool,
+    h_swish,
+    split_directions,
+    stack_directions,
+)
+
+TOL = 1e-5
+MOMENTUM = 0.9  # Flax's convention (weight of the old average); PyTorch's momentum=0.1 is the same update
+PROPERTY_SHAPES = [(2, 8, 8, 64), (1, 7, 7, 16), (3, 1, 1, 32), (2, 5, 9, 24), (2, 3, 4, 20)]
+PARITY_SHAPES = [(2, 8, 8, 32), (3, 7, 5, 20), (1, 1, 1, 12), (2, 3, 10, 320)]  # mip = 8, 8, 8, 10
+
+
+class TorchCoordinateAttention(nn.Module):
+    """Hou et al. 2021, NCHW: pool along W and along H, shared 1x1 conv + BN + h_swish on both, a 1x1 conv and
+    a sigmoid per direction; y = x * a_h * a_w. mip = max(8, C // 32). Returns (y, a_h, a_w)."""
+
+    def __init__(self, channels: int, reduction: int = 32):
+        super().__init__()
+        mip = max(8, channels // reduction)
+        self.reduce = nn.Conv2d(channels, mip, 1)
+        self.bn = nn.BatchNorm2d(mip)
+        self.expand_h = nn.Conv2d(mip, channels, 1)
+        self.expand_w = nn.Conv2d(mip, channels, 1)
+
+    def forward(self, x):
+        h, w = x.shape[2:]
+        z_h = x.mean(dim=3, keepdim=True)  # (N, C, H, 1)
+        z_w = x.mean(dim=2, keepdim=True).transpose(2, 3)  # (N, C, W, 1)
+        f = F.hardswish(self.bn(self.reduce(torch.cat([z_h, z_w], dim=2))))
+        f_h, f_w = torch.split(f, [h, w], dim=2)
+        a_h = torch.sigmoid(self.expand_h(f_h))  # (N, C, H, 1)
+        a_w = torch.sigmoid(self.expand_w(f_w.transpose(2, 3)))  # (N, C, 1, W)
+        return x * a_h * a_w, a_h, a_w
+
+
+def random_images(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def random_variables(block, x, seed=0):
+    """Variables of ``block``'s structure for input ``x``, drawn with NumPy (no compilation, unlike ``init``).
+
+    Kernels ~ N(0, 1/fan_in); biases, BN shifts and running means ~ N(0, 0.3^2); BN scales in
+    [0.5, 1.5]; running variances in [0.5, 2]: all non-trivial, so that all take part in the comparison.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+        elif name == "scale":
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        elif name == "var":
+            value = rng.uniform(0.5, 2.0, leaf.shape)
+        else:
+            value = 0.3 * rng.normal(size=leaf.shape)
+        return value.astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(block.init, jax.random.key(0), x))
+
+
+def to_torch_state(variables):
+    """attnjax variables as a PyTorch state dict: BN scale -> weight, batch_stats mean/var -> running_mean/var."""
+    state = {k.replace(".scale", ".weight"): v for k, v in flax_to_torch_state(variables["params"]).items()}
+    for name, value in flax_to_torch_state(variables["batch_stats"]).items():
+        module, stat = name.rsplit(".", 1)
+        state[f"{module}.running_{stat}"] = value
+        state[f"{module}.num_batches_tracked"] = torch.tensor(0)
+    return state
+
+
+def pytorch_running_var(new, old, count):
+    """Flax's updated running variance as PyTorch would store it.
+
+    Both mix the batch variance into the running average with the same momentum, but PyTorch uses the
+    unbiased batch variance (divided by count - 1) and Flax the biased one (divided by count).
+    """
+    batch_var = (new - MOMENTUM * old) / (1 - MOMENTUM)
+    return MOMENTUM * old + (1 - MOMENTUM) * batch_var * count / (count - 1)
+
+
+def nchw_to_nhwc(t):
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def setup(shape, seed=0):
+    x = random_images(shape, seed)
+    block = CoordinateAttention()
+    variables = random_variables(block, x, seed + 1)
+    reference = TorchCoordinateAttention(shape[-1])
+    reference.load_state_dict(to_torch_state(variables), strict=True)
+    return x, block, variables, reference
+
+
+def assert_maps_match(y, maps, expected):
+    expected_y, expected_h, expected_w = map(nchw_to_nhwc, expected)
+    np.testing.assert_allclose(y, expected_y, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(maps["height"][0], expected_h, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(maps["width"][0], expected_w, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES)
+def test_eval_mode_matches_pytorch_with_running_statistics(shape):
+    x, block, variables, reference = setup(shape)
+    y, state = jax.jit(partial(block.apply, mutable=["intermediates"]))(variables, x)
+    with torch.no_grad():
+        expected = reference.eval()(nhwc_to_nchw(x))
+    assert_maps_match(y, state["intermediates"], expected)
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES[1:])
+def test_train_mode_matches_pytorch_and_updates_the_same_running_statistics(shape):
+    x, block, variables, reference = setup(shape, seed=5)
+    x, variables = jax.tree.map(lambda a: a.astype(np.float64), (x, variables))
+    with jax.enable_x64(True):
+        y, state = jax.jit(partial(block.apply, train=True, mutable=["intermediates", "batch_stats"]))(variables, x)
+    with torch.no_grad():
+        expected = reference.double().train()(nhwc_to_nchw(x))
+    assert_maps_match(y, state["intermediates"], expected)
+
+    n, h, w, _ = shape
+    stats = jax.tree.map(np.asarray, state["batch_stats"]["bn"])
+    torch_state = reference.state_dict()
+    np.testing.assert_allclose(stats["mean"], torch_state["bn.running_mean"], rtol=TOL, atol=TOL)
+    expected_var = torch_state["bn.running_var"]
+    old_var = variables["batch_stats"]["bn"]["var"]
+    # the BN sees the H + W pooled positions of every image
+    np.testing.assert_allclose(
+        pytorch_running_var(stats["var"], old_var, n * (h + w)), expected_var, rtol=TOL, atol=TOL
+    )
+
+
+@pytest.mark.parametrize("shape", PROPERTY_SHAPES)
+def test_shape_gates_and_sown_maps(shape):
+    x = random_images(shape)
+    block = blocks.create("coord")
+    y, state = jax.jit(partial(block.apply, mutable=["intermediates"]))(random_variables(block, x), x)
+    maps = state["intermediates"]
+    assert sorted(maps) == ["height", "width"]
+    (a_h,), (a_w,) = maps["height"], maps["width"]
+    n, h, w, c = shape
+    chex.assert_shape(y, shape)
+    chex.assert_shape(a_h, (n, h, 1, c))
+    chex.assert_shape(a_w, (n, 1, w, c))
+    chex.assert_tree_all_finite((y, a_h, a_w))
+    for gate in (a_h, a_w):
+        assert jnp.all(gate > 0) and jnp.all(gate < 1)
+    np.testing.assert_allclose(y, x * a_h * a_w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels, mip", [(3, 3), (8, 8), (20, 8), (256, 8), (320, 10), (1024, 32)])
+def test_mip_width(channels, mip):
+    variables = jax.eval_shape(CoordinateAttention().init, jax.random.key(0), jnp.zeros((1, 2, 3, channels)))
+    chex.assert_shape(variables["params"]["reduce"]["kernel"], (1, 1, channels, mip))
+    chex.assert_shape(variables["batch_stats"]["bn"]["mean"], (mip,))
+
+
+def test_init_gives_finite_output_in_both_modes():
+    x = random_images((2, 3, 5, 20))
+    block = CoordinateAttention()
+    variables = jax.jit(block.init)(jax.random.key(0), x)
+    y_train, _ = jax.jit(partial(block.apply, train=True, mutable=["batch_stats"]))(variables, x)
+    chex.assert_tree_all_finite((variables, y_train))
+
+
+def test_direction_helpers_round_trip():
+    x = random_images((2, 3, 5, 4))
+    z_h, z_w = directional_pool(x)
+    np.testing.assert_allclose(z_h, x.mean(axis=2, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(z_w, x.mean(axis=1, keepdims=True), rtol=1e-6)
+    stacked = stack_directions(z_h, z_w)
+    chex.assert_shape(stacked, (2, 3 + 5, 1, 4))
+    back_h, back_w = split_directions(stacked, 3)
+    np.testing.assert_array_equal(back_h, z_h)
+    np.testing.assert_array_equal(back_w, z_w)
+
+
+def test_h_swish_and_gate_formulas_and_gradients():
+    v = np.linspace(-5, 5, 41, dtype=np.float32)
+    np.testing.assert_allclose(h_swish(v), v * np.clip(v + 3, 0, 6) / 6, rtol=1e-6)
+    x = random_images((2, 3, 4, 5))
+    logits_h, logits_w = random_images((2, 3, 1, 5), seed=1), random_images((2, 1, 4, 5), seed=2)
+    y, a_h, a_w = coordinate_gate(x, logits_h, logits_w)
+    np.testing.assert_allclose(y, x / (1 + np.exp(-logits_h)) / (1 + np.exp(-logits_w)), rtol=1e-5, atol=1e-6)
+    check_grads(h_swish, (x,), order=1, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
+    check_grads(coordinate_gate, (x, logits_h, logits_w), order=2, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (2, 64), (1, 2, 8, 8, 3)])
+def test_wrong_rank_names_the_expected_layout(shape):
+    with pytest.raises(ValueError, match=r"CoordinateAttention expects .*NHWC, rank 4.*got shape"):
+        CoordinateAttention().init(jax.random.key(0), jnp.zeros(shape))
+
+
+def test_zero_reduction_is_rejected():
+    with pytest.raises(ValueError, match="reduction must be >= 1"):
+        CoordinateAttention(reduction=0).init(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))

@@ -1,0 +1,146 @@
+"""GlobalContext: output and softmax map against a PyTorch GC block written from the paper, and its properties."""
+
+from functools import partial
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax.test_util import check_grads
+from torch import nn
+from torch_reference import flax_to_torch_state, nhwc_to_nchw
+
+from attnjax import blocks
+from attnjax.blocks.gc import GlobalContext, attention_pool
+
+TOL = 1e-5
+PROPERTY_SHAPES = [(2, 8, 8, 64), (1, 7, 7, 16), (3, 1, 1, 32), (2, 5, 9, 24), (2, 3, 4, 20)]
+PARITY_SHAPES = [(2, 8, 8, 32), (3, 7, 5, 20), (1, 1, 1, 12), (2, 3, 10, 160)]
+
+
+class TorchGC(nn.Module):
+    """Cao et al. 2019, NCHW: a = softmax_{HW}(W_k x), c = sum_j a_j x_j, y = x + W_v2 relu(LN(W_v1 c)).
+
+    LayerNorm over (C/r, 1, 1) as in the official code. Returns (y, a).
+    """
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(channels // reduction, min(channels, 8))
+        self.context = nn.Conv2d(channels, 1, 1, bias=False)
+        self.reduce = nn.Conv2d(channels, hidden, 1)
+        self.norm = nn.LayerNorm([hidden, 1, 1])
+        self.expand = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        a = torch.softmax(self.context(x).reshape(n, h * w, 1), dim=1)
+        context = torch.bmm(x.reshape(n, c, h * w), a).reshape(n, c, 1, 1)
+        t = self.expand(F.relu(self.norm(self.reduce(context))))
+        return x + t, a.reshape(n, 1, h, w)
+
+
+def random_images(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def random_variables(block, x, seed=0):
+    """Variables of ``block``'s structure for input ``x``, drawn with NumPy (no compilation, unlike ``init``).
+
+    Kernels ~ N(0, 1/fan_in), the zero-initialised last one included; biases and LayerNorm shifts
+    ~ N(0, 0.3^2); LayerNorm scales in [0.5, 1.5].
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+        elif name == "scale":
+            value = rng.uniform(0.5, 1.5, leaf.shape)
+        else:
+            value = 0.3 * rng.normal(size=leaf.shape)
+        return value.astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(block.init, jax.random.key(0), x))
+
+
+def to_torch_state(params):
+    """attnjax params as a PyTorch state dict; LayerNorm's (C/r,) scale and bias become (C/r, 1, 1) weight and bias."""
+    state = flax_to_torch_state(params)
+    state["norm.weight"] = state.pop("norm.scale")
+    for name in ("norm.weight", "norm.bias"):
+        state[name] = state[name].reshape(-1, 1, 1)
+    return state
+
+
+def setup(shape, seed=0):
+    x = random_images(shape, seed)
+    block = GlobalContext()
+    params = random_variables(block, x, seed + 1)["params"]
+    reference = TorchGC(shape[-1])
+    reference.load_state_dict(to_torch_state(params), strict=True)
+    return x, block, params, reference
+
+
+@pytest.mark.parametrize("shape", PARITY_SHAPES)
+def test_output_and_map_match_pytorch(shape):
+    x, block, params, reference = setup(shape)
+    y, state = jax.jit(partial(block.apply, mutable=["intermediates"]))({"params": params}, x)
+    with torch.no_grad():
+        expected_y, expected_a = (t.numpy().transpose(0, 2, 3, 1) for t in reference(nhwc_to_nchw(x)))
+    np.testing.assert_allclose(y, expected_y, rtol=TOL, atol=TOL)
+    np.testing.assert_allclose(state["intermediates"]["attention"][0], expected_a, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("shape", PROPERTY_SHAPES)
+def test_shape_and_softmax_map(shape):
+    x = random_images(shape)
+    block = blocks.create("gc")
+    y, state = jax.jit(partial(block.apply, mutable=["intermediates"]))(random_variables(block, x), x)
+    assert list(state["intermediates"]) == ["attention"]
+    (weights,) = state["intermediates"]["attention"]
+    n, h, w, _ = shape
+    chex.assert_shape(y, shape)
+    chex.assert_shape(weights, (n, h, w, 1))
+    chex.assert_tree_all_finite((y, weights))
+    assert jnp.all(weights > 0)
+    np.testing.assert_allclose(weights.sum(axis=(1, 2, 3)), np.ones(n), rtol=1e-5)
+
+
+def test_init_starts_as_the_identity_unless_told_otherwise():
+    x = random_images((2, 3, 5, 20))
+    block = GlobalContext()
+    variables = jax.jit(block.init)(jax.random.key(0), x)
+    chex.assert_shape(variables["params"]["reduce"]["kernel"], (1, 1, 20, 8))
+    chex.assert_shape(variables["params"]["expand"]["kernel"], (1, 1, 8, 20))
+    assert not jnp.any(variables["params"]["expand"]["kernel"])
+    np.testing.assert_array_equal(jax.jit(block.apply)(variables, x), x)
+    other = jax.jit(GlobalContext(zero_init_last=False).init)(jax.random.key(0), x)
+    assert jnp.all(other["params"]["expand"]["kernel"] != 0)
+    chex.assert_tree_all_finite(other)
+
+
+def test_attention_pool_formula_and_gradients():
+    x = random_images((2, 3, 4, 5))
+    logits = random_images((2, 3, 4, 1), seed=1)
+    context, weights = attention_pool(x, logits)
+    e = np.exp(logits - logits.max(axis=(1, 2), keepdims=True))
+    expected_weights = e / e.sum(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(weights, expected_weights, rtol=1e-5)
+    np.testing.assert_allclose(context, (expected_weights * x).sum(axis=(1, 2), keepdims=True), rtol=1e-5, atol=1e-6)
+    check_grads(attention_pool, (x, logits), order=2, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 3), (2, 64), (1, 2, 8, 8, 3)])
+def test_wrong_rank_names_the_expected_layout(shape):
+    with pytest.raises(ValueError, match=r"GlobalContext expects .*NHWC, rank 4.*got shape"):
+        GlobalContext().init(jax.random.key(0), jnp.zeros(shape))
+
+
+def test_zero_reduction_is_rejected():
+    with pytest.raises(ValueError, match="reduction must be >= 1"):
+        GlobalContext(reduction=0).init(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))
