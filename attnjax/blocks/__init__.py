@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from attnjax.blocks.non_local import NonLocalAttention
 from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
 from attnjax.validate import InputError
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "seed": SeedAttention,
+    "nonlocal": NonLocalAttention,
     "softmax": SoftmaxAttention,
 }
 
@@ -39,6 +41,7 @@ def create(name: str, **options) -> nn.Module:
 
 
 __all__ = [
+    "NonLocalAttention",
     "SeedAttention",
     "SoftmaxAttention",
     "create",
