@@ -16,6 +16,7 @@ import flax.linen as nn
 
 from attnjax.blocks.non_local import NonLocalAttention
 from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
+from attnjax.blocks.simam import SimAMAttention
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
 from attnjax.validate import InputError
 
@@ -23,6 +24,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "seed": SeedAttention,
     "nonlocal": NonLocalAttention,
     "softmax": SoftmaxAttention,
+    "simam": SimAMAttention,
 }
 
 
@@ -43,6 +45,7 @@ def create(name: str, **options) -> nn.Module:
 __all__ = [
     "NonLocalAttention",
     "SeedAttention",
+    "SimAMAttention",
     "SoftmaxAttention",
     "create",
     "names",
