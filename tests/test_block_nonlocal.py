@@ -58,23 +58,26 @@ def with_random_output_projection(params, seed=1):
     }
 
 
-def jit_apply(block):
-    """``block.apply`` under jit, returning ``(y, intermediates)``: one compile instead of many eager ones."""
-    apply = jax.jit(functools.partial(block.apply, mutable=["intermediates"]))
-
-    def run(variables, x):
-        y, state = apply(variables, x)
-        return y, state["intermediates"]
-
-    return run
+BLOCK = NonLocalAttention()
+_init = jax.jit(BLOCK.init)
+_apply = jax.jit(functools.partial(BLOCK.apply, mutable=["intermediates"]))
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 8, 16), (1, 5, 7, 6), (2, 3, 9, 5), (3, 1, 1, 4), (2, 6, 6, 1)])
+def init(x):
+    return _init(jax.random.key(0), x)
+
+
+def apply(variables, x):
+    """``BLOCK.apply`` under jit (compiled once per shape), returning ``(y, intermediates)``."""
+    y, state = _apply(variables, x)
+    return y, state["intermediates"]
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(2, 6, 6, 1)])
 def test_matches_pytorch_with_nonzero_output_projection(shape):
     x = random_images(shape, seed=3)
-    block = NonLocalAttention()
-    params = with_random_output_projection(jax.jit(block.init)(jax.random.key(0), x)["params"])
-    y, intermediates = jit_apply(block)({"params": params}, x)
+    params = with_random_output_projection(init(x)["params"])
+    y, intermediates = apply({"params": params}, x)
     assert not np.allclose(y, x, atol=1e-3)  # W_z is non-zero, so the comparison covers the attention path
 
     reference = TorchNonLocal(shape[-1])
@@ -88,13 +91,11 @@ def test_matches_pytorch_with_nonzero_output_projection(shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_identity_at_initialisation_shapes_and_affinity_rows_sum_to_one(shape):
     x = random_images(shape, seed=1)
-    block = NonLocalAttention()
-    run = jit_apply(block)
-    variables = jax.jit(block.init)(jax.random.key(0), x)
-    y, _ = run(variables, x)
+    variables = init(x)
+    y, _ = apply(variables, x)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x))  # exactly: W_z(y) is 0 + 0
 
-    y, intermediates = run({"params": with_random_output_projection(variables["params"])}, x)
+    y, intermediates = apply({"params": with_random_output_projection(variables["params"])}, x)
     assert list(intermediates) == ["attention"]
     (affinity,) = intermediates["attention"]
     n, h, w, _ = shape
@@ -107,7 +108,7 @@ def test_identity_at_initialisation_shapes_and_affinity_rows_sum_to_one(shape):
 
 @pytest.mark.parametrize("channels, inner", [(64, 32), (15, 7), (3, 1), (2, 1), (1, 1)])
 def test_bottleneck_is_half_the_channels_with_a_floor_of_one(channels, inner):
-    params = NonLocalAttention().init(jax.random.key(0), jnp.zeros((1, 2, 2, channels)))["params"]
+    params = jax.eval_shape(BLOCK.init, jax.random.key(0), jnp.zeros((1, 2, 2, channels)))["params"]
     for name in ("theta", "phi", "g"):
         chex.assert_shape(params[name]["kernel"], (1, 1, channels, inner))
     chex.assert_shape(params["w_z"]["kernel"], (1, 1, inner, channels))
@@ -123,7 +124,7 @@ def test_affinity_formula():
 
 def test_pure_functions_have_correct_gradients():
     theta, phi, g = (random_images((2, 3, 2, 4), seed=s) for s in (6, 7, 8))
-    check_grads(jax.jit(non_local), (theta, phi, g), order=2, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
+    check_grads(jax.jit(non_local), (theta, phi, g), order=1, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
 
 
 def test_registered_as_nonlocal():
