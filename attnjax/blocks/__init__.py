@@ -17,6 +17,7 @@ import flax.linen as nn
 from attnjax.blocks.non_local import NonLocalAttention
 from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
 from attnjax.blocks.simam import SimAMAttention
+from attnjax.blocks.sk import SelectiveKernelAttention
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
 from attnjax.validate import InputError
 
@@ -25,6 +26,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "nonlocal": NonLocalAttention,
     "softmax": SoftmaxAttention,
     "simam": SimAMAttention,
+    "sk": SelectiveKernelAttention,
 }
 
 
@@ -45,6 +47,7 @@ def create(name: str, **options) -> nn.Module:
 __all__ = [
     "NonLocalAttention",
     "SeedAttention",
+    "SelectiveKernelAttention",
     "SimAMAttention",
     "SoftmaxAttention",
     "create",
