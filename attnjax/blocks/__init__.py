@@ -19,6 +19,7 @@ from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
 from attnjax.blocks.simam import SimAMAttention
 from attnjax.blocks.sk import SelectiveKernelAttention
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
+from attnjax.blocks.triplet import TripletAttention
 from attnjax.validate import InputError
 
 _REGISTRY: dict[str, type[nn.Module]] = {
@@ -27,6 +28,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "softmax": SoftmaxAttention,
     "simam": SimAMAttention,
     "sk": SelectiveKernelAttention,
+    "triplet": TripletAttention,
 }
 
 
@@ -50,6 +52,7 @@ __all__ = [
     "SelectiveKernelAttention",
     "SimAMAttention",
     "SoftmaxAttention",
+    "TripletAttention",
     "create",
     "names",
     "reduced_channels",
