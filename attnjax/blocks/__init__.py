@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
+from attnjax.blocks.mhsa import MultiHeadSelfAttention
 from attnjax.blocks.non_local import NonLocalAttention
 from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
 from attnjax.blocks.simam import SimAMAttention
@@ -29,6 +30,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "simam": SimAMAttention,
     "sk": SelectiveKernelAttention,
     "triplet": TripletAttention,
+    "mhsa": MultiHeadSelfAttention,
 }
 
 
@@ -47,6 +49,7 @@ def create(name: str, **options) -> nn.Module:
 
 
 __all__ = [
+    "MultiHeadSelfAttention",
     "NonLocalAttention",
     "SeedAttention",
     "SelectiveKernelAttention",
