@@ -25,8 +25,8 @@ from attnjax.validate import InputError
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "seed": SeedAttention,
-    "nonlocal": NonLocalAttention,
     "softmax": SoftmaxAttention,
+    "nonlocal": NonLocalAttention,
     "simam": SimAMAttention,
     "sk": SelectiveKernelAttention,
     "triplet": TripletAttention,
