@@ -110,9 +110,12 @@ def test_pure_function_has_correct_gradients():
     check_grads(jax.jit(simam), (x,), order=1, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
 
 
-def test_dtype_sets_the_computation_dtype():
-    y, _ = jit_apply(dtype=jnp.bfloat16)(random_images(SHAPES[-1], seed=7))
-    chex.assert_type(y, jnp.bfloat16)
+def test_dtype_sets_the_dtype_of_the_weights():
+    x = random_images(SHAPES[-1], seed=7)
+    y, intermediates = jit_apply(dtype=jnp.bfloat16)(x)
+    chex.assert_type(intermediates["attention"][0], jnp.bfloat16)
+    chex.assert_type(y, jnp.float32)  # x * weights promotes, as in the other blocks
+    np.testing.assert_allclose(y, jit_apply()(x)[0], rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("e_lambda", [0.0, -1e-4])

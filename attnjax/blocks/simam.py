@@ -53,8 +53,8 @@ def simam(x: jax.Array, e_lambda: float = 1e-4) -> tuple[jax.Array, jax.Array]:
 class SimAMAttention(nn.Module):
     """SimAM: ``x * sigmoid(E_inv)`` from each neuron's spatial energy; no parameters.
 
-    NHWC in, same shape out. ``dtype``, if given, is the computation dtype (the input is cast
-    to it). Sows the weights ``sigmoid(E_inv)`` (input's shape) as ``intermediates/attention``.
+    NHWC in, same shape out. ``dtype``, if given, is the dtype in which the weights are
+    computed. Sows the weights ``sigmoid(E_inv)`` (input's shape) as ``intermediates/attention``.
     """
 
     e_lambda: float = 1e-4
@@ -69,8 +69,7 @@ class SimAMAttention(nn.Module):
                 f"{type(self).__name__}: e_lambda must be > 0 (it keeps E_inv finite on constant channels), "
                 f"got {self.e_lambda}; the paper uses 1e-4."
             )
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        y, attention = simam(x, self.e_lambda)
+        # The weights are computed in ``dtype``; the product with x promotes, as in the other blocks.
+        attention = jax.nn.sigmoid(simam_energy(x if self.dtype is None else x.astype(self.dtype), self.e_lambda))
         self.sow("intermediates", "attention", attention)
-        return y
+        return x * attention
