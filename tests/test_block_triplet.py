@@ -1,4 +1,4 @@
-"""Triplet attention: PyTorch parity (the official code's rotations) in eval and train mode, gates, shapes, gradients."""
+"""Triplet attention: PyTorch parity (official rotations) in eval and train mode, gates, shapes, gradients."""
 
 import functools
 

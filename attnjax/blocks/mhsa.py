@@ -43,7 +43,10 @@ from attnjax.validate import InputError, check_nhwc
 
 
 def sinusoidal_encoding_1d(length: int, channels: int, temperature: float = 10000.0) -> jax.Array:
-    """``(length, channels)`` code: ``e[p, i] = sin(p w_i)`` (even i) or ``cos(p w_i)`` (odd i), ``w_i = T^(-2 floor(i/2) / channels)``."""
+    """``(length, channels)`` sinusoidal code of the positions ``p = 0 .. length - 1``.
+
+    ``e[p, i] = sin(p w_i)`` for even i and ``cos(p w_i)`` for odd i, ``w_i = T^(-2 floor(i/2) / channels)``.
+    """
     i = jnp.arange(channels)
     frequencies = temperature ** (-2.0 * (i // 2) / max(channels, 1))
     angles = jnp.arange(length, dtype=jnp.float32)[:, None] * frequencies
@@ -51,7 +54,10 @@ def sinusoidal_encoding_1d(length: int, channels: int, temperature: float = 1000
 
 
 def sinusoidal_position_encoding_2d(height: int, width: int, channels: int, temperature: float = 10000.0) -> jax.Array:
-    """``(H, W, C)`` code: channels ``[0, C//2)`` encode the row, ``[C//2, C)`` the column (each as :func:`sinusoidal_encoding_1d`)."""
+    """``(H, W, C)`` code: channels ``[0, C//2)`` encode the row, ``[C//2, C)`` the column.
+
+    Each half is :func:`sinusoidal_encoding_1d` of its axis, broadcast along the other axis.
+    """
     row_channels = channels // 2
     rows = sinusoidal_encoding_1d(height, row_channels, temperature)  # (H, C//2)
     cols = sinusoidal_encoding_1d(width, channels - row_channels, temperature)  # (W, C - C//2)
