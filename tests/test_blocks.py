@@ -90,14 +90,16 @@ def test_seed_block_bottleneck_width_follows_reduction():
 
 
 def test_registry_lists_and_creates_blocks():
-    assert blocks.names() == ["seed", "softmax"]
+    catalogue = {"se", "eca", "cbam", "bam", "gc", "nonlocal", "coord", "simam", "sk", "triplet", "mhsa"}
+    assert set(blocks.names()) == catalogue | {"seed", "softmax"}
+    assert blocks.names() == sorted(blocks.names())
     assert isinstance(blocks.create("seed", reduction=4), SeedAttention)
     assert blocks.create("seed", reduction=4).reduction == 4
     assert isinstance(blocks.create("softmax"), SoftmaxAttention)
 
 
 def test_unknown_block_name_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown attention block 'sse'.*seed, softmax"):
+    with pytest.raises(ValueError, match=r"unknown attention block 'sse'; valid names: bam, cbam, .*seed, simam, sk, softmax, triplet"):
         blocks.create("sse")
 
 

@@ -1,9 +1,9 @@
 """AttentionNet: shapes at every input size, pooling to about the tutorial's fc1, bad input."""
 
 import chex
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from attnjax import models
@@ -57,7 +57,7 @@ def test_models_create_accepts_names_none_and_modules():
 def test_unknown_model_and_block_names_list_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown model 'resnet9'.*attention_net"):
         models.create("resnet9", num_classes=10)
-    with pytest.raises(ValueError, match=r"unknown attention block 'se2'.*none, seed, softmax"):
+    with pytest.raises(ValueError, match=r"unknown attention block 'se2'; valid names: none, bam, cbam, .*seed, .*softmax, triplet"):
         models.create("attention_net", num_classes=10, block="se2")
 
 

@@ -1,7 +1,7 @@
 """Attention blocks for NHWC feature maps, behind one registry.
 
     from attnjax import blocks
-    blocks.names()                       # ['seed', 'softmax']
+    blocks.names()                       # ['bam', 'cbam', 'coord', 'eca', ...]
     block = blocks.create("seed", reduction=4)
     y = block.apply(block.init(key, x), x)   # same shape as x
 
@@ -19,9 +19,14 @@ from attnjax.blocks.cbam import CBAM
 from attnjax.blocks.coord import CoordinateAttention
 from attnjax.blocks.eca import EfficientChannelAttention
 from attnjax.blocks.gc import GlobalContext
+from attnjax.blocks.mhsa import MultiHeadSelfAttention
+from attnjax.blocks.non_local import NonLocalAttention
 from attnjax.blocks.se import SqueezeExcitation
 from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
+from attnjax.blocks.simam import SimAMAttention
+from attnjax.blocks.sk import SelectiveKernelAttention
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
+from attnjax.blocks.triplet import TripletAttention
 from attnjax.validate import InputError
 
 _REGISTRY: dict[str, type[nn.Module]] = {
@@ -33,6 +38,11 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "bam": BAM,
     "gc": GlobalContext,
     "coord": CoordinateAttention,
+    "nonlocal": NonLocalAttention,
+    "simam": SimAMAttention,
+    "sk": SelectiveKernelAttention,
+    "triplet": TripletAttention,
+    "mhsa": MultiHeadSelfAttention,
 }
 
 
@@ -56,9 +66,14 @@ __all__ = [
     "CoordinateAttention",
     "EfficientChannelAttention",
     "GlobalContext",
+    "MultiHeadSelfAttention",
+    "NonLocalAttention",
     "SeedAttention",
+    "SelectiveKernelAttention",
+    "SimAMAttention",
     "SoftmaxAttention",
     "SqueezeExcitation",
+    "TripletAttention",
     "create",
     "names",
     "reduced_channels",
