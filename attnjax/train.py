@@ -13,7 +13,9 @@ import json
 import math
 import os
 import time
+from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,7 +34,16 @@ TIMING_FIELDS = ("images_per_second", "epoch_seconds")  # the only fields that v
 
 
 class TrainState(train_state.TrainState):
-    """Flax's TrainState: params, optimizer state, step, and the model's ``apply``."""
+    """Flax's TrainState (params, optimizer state, step, ``apply_fn``) plus batch-norm statistics.
+
+    ``batch_stats`` is ``{}`` for models without batch norm.
+    """
+
+    batch_stats: Any = flax.struct.field(default_factory=dict)
+
+    def variables(self, params=None) -> dict:
+        """The ``variables`` argument of ``apply_fn``, with ``params`` in place of the state's if given."""
+        return {"params": self.params if params is None else params, "batch_stats": self.batch_stats}
 
 
 class TrainingDiverged(FloatingPointError):
@@ -48,7 +59,12 @@ def create_train_state(
 ) -> TrainState:
     """Initialise parameters for images of ``image_shape`` (H, W, C) and an Adam optimizer."""
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=optax.adam(learning_rate))
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=optax.adam(learning_rate),
+    )
 
 
 def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -57,25 +73,29 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def train_step(state: TrainState, batch: dict, axis_name: str | None = None) -> tuple[TrainState, dict]:
-    """One Adam step on ``batch``; with ``axis_name``, gradients and metrics are averaged over it."""
+    """One Adam step on ``batch``; with ``axis_name``, gradients and metrics are averaged over it.
+
+    Batch-norm statistics need no averaging here: ``layers.batch_norm`` already normalises
+    over the whole axis, so every device holds the same running averages.
+    """
 
     def loss_fn(params):
-        logits = state.apply_fn({"params": params}, batch["image"], train=True)
-        return cross_entropy_loss(logits, batch["label"]), logits
+        logits, updates = state.apply_fn(state.variables(params), batch["image"], train=True, mutable=["batch_stats"])
+        return cross_entropy_loss(logits, batch["label"]), (logits, updates.get("batch_stats", {}))
 
-    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == batch["label"])}
     if axis_name is not None:
         # Each device holds an equal share of the global batch, so the mean of the
         # per-device means is the global-batch mean.
         grads = jax.lax.pmean(grads, axis_name)
         metrics = jax.lax.pmean(metrics, axis_name)
-    return state.apply_gradients(grads=grads), metrics
+    return state.apply_gradients(grads=grads, batch_stats=batch_stats), metrics
 
 
 def eval_step(state: TrainState, batch: dict, axis_name: str | None = None) -> dict:
     """Sums over the real (``mask`` = 1) examples of ``batch``: loss, correct predictions, count."""
-    logits = state.apply_fn({"params": state.params}, batch["image"], train=False)
+    logits = state.apply_fn(state.variables(), batch["image"], train=False)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
     mask = batch["mask"]
     sums = {

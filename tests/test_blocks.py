@@ -99,7 +99,9 @@ def test_registry_lists_and_creates_blocks():
 
 
 def test_unknown_block_name_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown attention block 'sse'; valid names: bam, cbam, .*seed, simam, sk, softmax, triplet"):
+    with pytest.raises(
+        ValueError, match=r"unknown attention block 'sse'; valid names: bam, cbam, .*seed, simam, sk, softmax, triplet"
+    ):
         blocks.create("sse")
 
 

@@ -57,7 +57,9 @@ def test_models_create_accepts_names_none_and_modules():
 def test_unknown_model_and_block_names_list_the_valid_ones():
     with pytest.raises(ValueError, match=r"unknown model 'resnet9'.*attention_net"):
         models.create("resnet9", num_classes=10)
-    with pytest.raises(ValueError, match=r"unknown attention block 'se2'; valid names: none, bam, cbam, .*seed, .*softmax, triplet"):
+    with pytest.raises(
+        ValueError, match=r"unknown attention block 'se2'; valid names: none, bam, cbam, .*seed, .*softmax, triplet"
+    ):
         models.create("attention_net", num_classes=10, block="se2")
 
 

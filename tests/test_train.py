@@ -111,3 +111,24 @@ def test_existing_results_are_never_overwritten(tmp_path):
     with pytest.raises(ValueError, match=r"already exists from an earlier run.*new --workdir"):
         train_and_evaluate(Config(epochs=1), str(tmp_path), devices=jax.devices()[:1])
     assert metrics.read_text() == before
+
+
+@pytest.mark.parametrize("block", ["bam", "sk", "triplet", "coord"])
+def test_blocks_with_batch_norm_train_and_update_their_statistics(devices, block):
+    net = models.create("attention_net", num_classes=10, block=block)
+    state = create_train_state(jax.random.key(0), net, (8, 8, 1), 1e-3)
+    assert jax.tree.leaves(state.batch_stats), "the block's batch norm should hold running statistics"
+    ds = data.load("digits")
+    batch = {"image": ds.train_images[:64], "label": ds.train_labels[:64]}
+    p_step = parallel.pmap_step(train_step, devices, donate_state=False)
+    new, metrics = p_step(parallel.replicate(state, devices), parallel.shard(batch, len(devices)))
+    assert np.isfinite(float(metrics["loss"]))
+    moved = [
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(state.batch_stats), strict=True)
+    ]
+    assert any(moved)
+    # Synchronised batch norm: 8 devices leave the statistics that one device leaves on the global batch.
+    single, _ = jax.jit(train_step)(state, batch)
+    for got, want in zip(jax.tree.leaves(new.batch_stats), jax.tree.leaves(single.batch_stats), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
