@@ -15,7 +15,12 @@ from attnjax import data, models, train
 from attnjax.config import Config
 from attnjax.validate import InputError
 
-CHOICES = {"dataset": data.names, "model": models.names, "block": models.block_names}
+CHOICES = {
+    "model": models.names,
+    "block": models.block_names,
+    "augment": lambda: list(data.augment.CHOICES),
+    "lr_schedule": lambda: list(train.SCHEDULES),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = field.metadata["help"] + (f"; one of: {', '.join(choices)}" if choices else "")
         parser.add_argument(
             "--" + field.name.replace("_", "-"),
-            type=field.type,
+            type=field.metadata["parse"] or field.type,
             default=field.default,
             choices=choices,
             help=help_text,
@@ -49,7 +54,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str]:
     workdir = args.pop("workdir")
     config = Config(**args)
     if workdir is None:
-        workdir = f"runs/{config.dataset}-{config.model}-{config.block}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dataset = config.dataset.replace(data.FOLDER_PREFIX, "").strip("/").replace("/", "_")
+        workdir = f"runs/{dataset}-{config.model}-{config.block}-{time.strftime('%Y%m%d-%H%M%S')}"
     return config, workdir
 
 

@@ -4,21 +4,35 @@
 import dataclasses
 
 
-def _option(default, help: str):
-    return dataclasses.field(default=default, metadata={"help": help})
+def _option(default, help: str, parse=None):
+    """A config field; ``parse`` converts the command-line string when the type is optional."""
+    return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Hyperparameters of one training run. The CLI exposes each field as ``--field-name``."""
 
-    dataset: str = _option("digits", "dataset to train and test on")
+    dataset: str = _option(
+        "digits",
+        "'digits' (embedded, no download), 'folder:PATH' (PATH/{train,test}/<class>/*.png|jpg), "
+        "or a TFDS image-classification dataset (mnist, fashion_mnist, cifar10, ...)",
+    )
     model: str = _option("attention_net", "network that hosts the attention block")
     block: str = _option("seed", "attention block inside the model ('none' for the baseline)")
     epochs: int = _option(12, "passes over the training set")
     batch_size: int = _option(128, "global batch size, split evenly over all local devices")
-    learning_rate: float = _option(1e-3, "Adam learning rate (the tutorial's 1e-3)")
-    seed: int = _option(0, "seed for parameter initialisation and the order of training batches")
+    learning_rate: float = _option(1e-3, "Adam learning rate (the tutorial's 1e-3); the peak with a schedule")
+    lr_schedule: str = _option(
+        "cosine", "learning-rate schedule: cosine (decays to 0 over the run) or constant (the tutorial's)"
+    )
+    seed: int = _option(0, "seed for parameter initialisation, the order of training batches and augmentation")
+    augment: str = _option("auto", "training augmentation: auto (the dataset's default), none, crop, flip or crop+flip")
+    image_size: int = _option(0, "resize TFDS and folder images to N x N (shorter side, centre crop); 0 keeps them")
+    data_dir: str | None = _option(None, "TFDS data_dir: where TFDS datasets are prepared and read", parse=str)
+    manual_dir: str | None = _option(
+        None, "folder with a TFDS dataset's original files, to prepare it with no network", parse=str
+    )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -24,7 +24,7 @@ import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from attnjax import data, models, parallel
+from attnjax import checkpoint, data, models, parallel
 from attnjax.config import Config
 from attnjax.validate import InputError, check_divisible
 
@@ -54,8 +54,20 @@ def create_model(config: Config, num_classes: int) -> nn.Module:
     return models.create(config.model, num_classes=num_classes, block=config.block)
 
 
+SCHEDULES = ("cosine", "constant")
+
+
+def learning_rate_schedule(name: str, peak: float, total_steps: int) -> optax.Schedule | float:
+    """``constant``: ``peak`` throughout (the tutorial); ``cosine``: from ``peak`` down to 0 at ``total_steps``."""
+    if name == "constant":
+        return peak
+    if name == "cosine":
+        return optax.cosine_decay_schedule(init_value=peak, decay_steps=max(total_steps, 1))
+    raise InputError(f"unknown learning-rate schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+
+
 def create_train_state(
-    rng: jax.Array, model: nn.Module, image_shape: tuple[int, ...], learning_rate: float
+    rng: jax.Array, model: nn.Module, image_shape: tuple[int, ...], learning_rate: float | optax.Schedule
 ) -> TrainState:
     """Initialise parameters for images of ``image_shape`` (H, W, C) and an Adam optimizer."""
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
@@ -106,13 +118,16 @@ def eval_step(state: TrainState, batch: dict, axis_name: str | None = None) -> d
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
-def evaluate(p_eval_step, state, images: np.ndarray, labels: np.ndarray, batch_size: int, devices) -> dict:
-    """Loss and accuracy over every example exactly once; accuracy = correct / examples."""
-    batches = parallel.to_devices(data.eval_batches(images, labels, batch_size), devices)
-    sums = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get([p_eval_step(state, b) for b in batches]))
-    count = int(round(sums["count"]))
-    if count != len(labels):
-        raise AssertionError(f"evaluation counted {count} examples, expected {len(labels)}")
+def evaluate(p_eval_step, state, dataset: data.Dataset, batch_size: int, devices, split: str = "test") -> dict:
+    """Loss and accuracy over every example of ``split`` exactly once; accuracy = correct / examples."""
+    batches = data.pipeline.eval_batches(
+        dataset, batch_size, split=split, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    sums = [p_eval_step(state, batch) for batch in parallel.to_devices(batches, devices)]
+    sums = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(sums))
+    count, expected = int(round(sums["count"])), len(getattr(dataset, split))
+    if count != expected:
+        raise AssertionError(f"evaluation counted {count} examples, expected {expected}")
     return {
         "loss": sums["loss"] / count,
         "accuracy": sums["correct"] / count,
@@ -138,30 +153,43 @@ def write_json_line(path: str, record: dict) -> None:
 def train_and_evaluate(config: Config, workdir: str, devices=None) -> tuple[TrainState, list[dict]]:
     """Train ``config.model`` on ``config.dataset``, evaluating after every epoch.
 
-    Writes ``config.json`` and one line per epoch to ``metrics.jsonl`` in ``workdir``.
+    Writes ``config.json``, one line per epoch to ``metrics.jsonl``, and after every epoch
+    the model's variables to ``variables.msgpack`` (:mod:`attnjax.checkpoint`) in ``workdir``.
     Returns the final state and the per-epoch metrics.
     """
     devices = list(devices or jax.local_devices())
     check_divisible(config.batch_size, len(devices))
     check_workdir_is_new(workdir)
-    dataset = data.load(config.dataset)
-    steps_per_epoch = data.num_train_steps(len(dataset.train_labels), config.batch_size)
+    dataset = data.load(
+        config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size or None
+    )
+    augment = data.resolve_augment(config.augment, dataset)
+    steps_per_epoch = data.pipeline.steps_per_epoch(len(dataset.train), config.batch_size)
     model = create_model(config, dataset.num_classes)
 
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-        json.dump({**config.to_dict(), "devices": len(devices), "jax": jax.__version__}, f, indent=2)
+        run = {"augment": augment, "devices": len(devices), "jax": jax.__version__, "dataset": dataset.describe()}
+        json.dump({"config": config.to_dict(), **run}, f, indent=2)
     metrics_path = os.path.join(workdir, METRICS_FILE)
 
-    state = create_train_state(jax.random.key(config.seed), model, dataset.image_shape, config.learning_rate)
+    schedule = learning_rate_schedule(config.lr_schedule, config.learning_rate, config.epochs * steps_per_epoch)
+    state = create_train_state(jax.random.key(config.seed), model, dataset.image_shape, schedule)
     state = parallel.replicate(state, devices)
     p_train_step = parallel.pmap_step(train_step, devices, donate_state=True)
     p_eval_step = parallel.pmap_step(eval_step, devices)
 
     history = []
     for epoch in range(1, config.epochs + 1):
-        rng = np.random.default_rng([config.seed, epoch])
-        batches = data.train_batches(dataset.train_images, dataset.train_labels, config.batch_size, rng)
+        batches = data.pipeline.train_batches(
+            dataset,
+            config.batch_size,
+            seed=config.seed,
+            epoch=epoch,
+            augment=augment,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         start = time.perf_counter()
         step_metrics = []
         with tqdm(
@@ -181,7 +209,7 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> tuple[Trai
                 f"Lower --learning-rate (now {config.learning_rate}); the epochs before this one "
                 f"are recorded in {metrics_path}."
             )
-        test = evaluate(p_eval_step, state, dataset.test_images, dataset.test_labels, config.batch_size, devices)
+        test = evaluate(p_eval_step, state, dataset, config.batch_size, devices)
         record = {
             "epoch": epoch,
             "train_loss": train["loss"],
@@ -193,6 +221,8 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> tuple[Trai
             "images_per_second": steps_per_epoch * config.batch_size / seconds,
             "epoch_seconds": seconds,
         }
+        # Variables first: a metrics line then always has the model it describes beside it.
+        checkpoint.save_variables(workdir, state.variables())
         write_json_line(metrics_path, record)
         history.append(record)
         print(

@@ -20,9 +20,15 @@ from attnjax.train import (
 )
 
 
-def test_train_step_reduces_the_loss_on_a_fixed_batch():
+def digits_batch(n=64):
+    """The first ``n`` digits training examples, normalised as the pipeline does."""
     ds = data.load("digits")
-    batch = {"image": ds.train_images[:64], "label": ds.train_labels[:64]}
+    batch = ds.train.get_batch(np.arange(n))
+    return {"image": data.augment.normalize(batch["image"], ds.mean, ds.std), "label": batch["label"]}
+
+
+def test_train_step_reduces_the_loss_on_a_fixed_batch():
+    batch = digits_batch()
     state = create_train_state(
         jax.random.key(0), models.create("attention_net", num_classes=10, block="seed"), (8, 8, 1), 1e-3
     )
@@ -35,52 +41,30 @@ def test_train_step_reduces_the_loss_on_a_fixed_batch():
     assert int(state.step) == 21
 
 
-def test_eval_batches_pad_the_last_batch_and_mask_it():
-    images = np.arange(10, dtype=np.float32).reshape(10, 1, 1, 1)
-    labels = np.arange(10, dtype=np.int32)
-    got = list(data.eval_batches(images, labels, 4))
-    assert [b["image"].shape[0] for b in got] == [4, 4, 4]
-    np.testing.assert_array_equal(np.concatenate([b["mask"] for b in got]), [1] * 10 + [0, 0])
-    real = np.concatenate([b["label"][b["mask"] > 0] for b in got])
-    np.testing.assert_array_equal(real, labels)  # each example exactly once, in order
-
-
 @pytest.mark.parametrize("num_devices", [1, 8])
 def test_evaluate_counts_every_test_example_once(devices, num_devices):
     ds = data.load("digits")
     state = create_train_state(jax.random.key(0), models.create("attention_net", num_classes=10), (8, 8, 1), 1e-3)
     used = devices[:num_devices]
     p_eval = parallel.pmap_step(eval_step, used)
-    result = evaluate(p_eval, parallel.replicate(state, used), ds.test_images, ds.test_labels, 64, used)
-    assert result["count"] == len(ds.test_labels) == 360  # 360 is not a multiple of 64: the last batch is padded
-    logits = state.apply_fn({"params": state.params}, ds.test_images)
-    expected_correct = int(np.sum(np.argmax(logits, -1) == ds.test_labels))
+    result = evaluate(p_eval, parallel.replicate(state, used), ds, 64, used)
+    assert result["count"] == len(ds.test) == 360  # 360 is not a multiple of 64: the last batch is padded
+    test = ds.test.get_batch(np.arange(360))
+    logits = state.apply_fn(state.variables(), data.augment.normalize(test["image"], ds.mean, ds.std))
+    expected_correct = int(np.sum(np.argmax(logits, -1) == test["label"]))
     assert result["correct"] == expected_correct
     assert result["accuracy"] == pytest.approx(expected_correct / 360)
-
-
-def test_train_batches_are_full_shuffled_and_seeded():
-    images = np.arange(100, dtype=np.float32).reshape(100, 1, 1, 1)
-    labels = np.arange(100, dtype=np.int32)
-
-    def epoch(seed):
-        return [b["label"] for b in data.train_batches(images, labels, 32, np.random.default_rng(seed))]
-
-    first = epoch(1)
-    assert [len(b) for b in first] == [32, 32, 32]
-    assert len(np.unique(np.concatenate(first))) == 96
-    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(epoch(1)))
-    assert not np.array_equal(np.concatenate(first), np.concatenate(epoch(2)))
 
 
 def test_digits_split_is_fixed_and_disjoint():
     a, b = data.load("digits"), data.load("digits")
     assert a.image_shape == (8, 8, 1) and a.num_classes == 10
-    assert len(a.train_labels) == 1437 and len(a.test_labels) == 360
-    np.testing.assert_array_equal(a.test_images, b.test_images)
-    assert 0.0 <= a.train_images.min() and a.train_images.max() <= 1.0
-    train_rows = {row.tobytes() for row in a.train_images}
-    overlap = sum(row.tobytes() in train_rows for row in a.test_images)
+    assert len(a.train) == 1437 and len(a.test) == 360
+    a_train, a_test = a.train.get_batch(np.arange(1437))["image"], a.test.get_batch(np.arange(360))["image"]
+    np.testing.assert_array_equal(a_test, b.test.get_batch(np.arange(360))["image"])
+    assert 0.0 <= a_train.min() and a_train.max() <= 1.0
+    train_rows = {row.tobytes() for row in a_train}
+    overlap = sum(row.tobytes() in train_rows for row in a_test)
     assert overlap <= 2  # load_digits holds a couple of duplicate images; the split itself is disjoint
 
 
@@ -118,8 +102,7 @@ def test_blocks_with_batch_norm_train_and_update_their_statistics(devices, block
     net = models.create("attention_net", num_classes=10, block=block)
     state = create_train_state(jax.random.key(0), net, (8, 8, 1), 1e-3)
     assert jax.tree.leaves(state.batch_stats), "the block's batch norm should hold running statistics"
-    ds = data.load("digits")
-    batch = {"image": ds.train_images[:64], "label": ds.train_labels[:64]}
+    batch = digits_batch()
     p_step = parallel.pmap_step(train_step, devices, donate_state=False)
     new, metrics = p_step(parallel.replicate(state, devices), parallel.shard(batch, len(devices)))
     assert np.isfinite(float(metrics["loss"]))

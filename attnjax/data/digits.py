@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from attnjax.data.dataset import ImageDataset
+from attnjax.data.dataset import ArraySource, Dataset, channel_stats
 
 SPLIT_SEED = 0
 NUM_TEST = 360
 
 
-def load() -> ImageDataset:
+def load() -> Dataset:
     from sklearn.datasets import load_digits  # only this dataset needs scikit-learn
 
     digits = load_digits()
@@ -23,11 +23,16 @@ def load() -> ImageDataset:
     labels = digits.target.astype(np.int32)
     order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))
     test, train = order[:NUM_TEST], order[NUM_TEST:]
-    return ImageDataset(
+    train_source = ArraySource(images[train], labels[train])
+    mean, std = channel_stats(train_source)
+    return Dataset(
         name="digits",
-        train_images=images[train],
-        train_labels=labels[train],
-        test_images=images[test],
-        test_labels=labels[test],
+        train=train_source,
+        test=ArraySource(images[test], labels[test]),
         num_classes=10,
+        image_shape=(8, 8, 1),
+        mean=mean,
+        std=std,
+        default_augment="none",  # flipped or shifted digits are other digits, or none
+        class_names=[str(d) for d in range(10)],
     )

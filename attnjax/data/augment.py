@@ -1,0 +1,56 @@
+"""Training augmentation as pure functions of a batch and a seeded ``numpy.random.Generator``.
+
+The pipeline gives each batch its own generator, derived from the seed, the epoch and the
+batch's position, so augmentation is reproducible and independent of threading.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attnjax.data.dataset import to_unit_range
+from attnjax.validate import InputError
+
+CHOICES = ("auto", "none", "crop", "flip", "crop+flip")
+
+
+def random_crop(images: np.ndarray, rng: np.random.Generator, padding: int) -> np.ndarray:
+    """Zero-pad each image by ``padding`` on every side and crop it back at a random offset."""
+    if padding <= 0:
+        return images
+    b, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    top = rng.integers(0, 2 * padding + 1, b)
+    left = rng.integers(0, 2 * padding + 1, b)
+    rows = top[:, None] + np.arange(h)
+    cols = left[:, None] + np.arange(w)
+    return padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def random_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mirror each image left-right with probability 1/2."""
+    flip = rng.random(len(images)) < 0.5
+    return np.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+
+def crop_padding(image_size: int) -> int:
+    """The crop's padding: 4 pixels at 32x32 (the CIFAR convention), scaled with the image."""
+    return max(1, round(image_size / 8))
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, mode: str) -> np.ndarray:
+    """Apply ``mode`` ('none', 'crop', 'flip' or 'crop+flip') to a batch of NHWC images."""
+    if mode not in CHOICES[1:]:
+        raise InputError(f"unknown augmentation {mode!r}; valid: {', '.join(CHOICES)}")
+    if "crop" in mode:
+        images = random_crop(images, rng, crop_padding(min(images.shape[1:3])))
+    if "flip" in mode:
+        images = random_flip(images, rng)
+    return images
+
+
+def normalize(images: np.ndarray, mean, std) -> np.ndarray:
+    """float32 ``(x - mean) / std`` per channel, with ``x`` the pixels in [0, 1]."""
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    return (to_unit_range(images) - mean) / std

@@ -1,0 +1,200 @@
+"""Image-classification datasets of tensorflow-datasets, read without TensorFlow.
+
+Datasets are prepared once as ArrayRecord (``file_format="array_record"``; preparing runs
+TFDS's own builder and needs TensorFlow) and then read through ``builder.as_data_source``,
+which needs neither TensorFlow nor a network. The image and label keys, the image shape and
+the number of classes come from the builder's ``info``.
+
+With no network, a dataset that is not prepared yet is prepared from ``manual_dir`` when
+that folder holds the builder's original files (the names TFDS registers for its
+downloads); otherwise the load fails at once, naming the files it needs. "No network" is
+decided per download host by a 3-second connection attempt, or set with ATTNJAX_OFFLINE=1.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import tempfile
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+
+from attnjax.data.dataset import Dataset, channel_stats, load_into_memory
+from attnjax.data.images import resize_center_crop
+from attnjax.validate import InputError
+
+IN_MEMORY_BYTES = 2 << 30  # splits whose decoded images fit are read once into memory
+# No augmentation by default: digits and glyphs (a mirrored or shifted glyph may be another
+# class or none), and Fashion-MNIST, whose test items are centred and aligned exactly like
+# its training items, so augmentation only regularises: crop+flip cost 1.5 points after 4
+# epochs (experiments/RESULTS.md).
+NO_AUGMENT = {"mnist", "emnist", "kmnist", "binarized_mnist", "mnist_corrupted", "fashion_mnist"}
+CROP_ONLY = {"svhn_cropped"}  # digits in natural photographs: shifts are fine, mirror images are not
+TRAIN_SPLIT, TEST_SPLITS = "train", ("test", "validation")
+
+
+def _import_tfds():
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise InputError(
+            "TFDS datasets need tensorflow-datasets: pip install 'attnjax[tfds]' "
+            "(and tensorflow-cpu to prepare a dataset: pip install 'attnjax[tfds-prepare]')"
+        ) from None
+    return tfds
+
+
+class TfdsSource:
+    """A split of a prepared TFDS dataset, read in batches through ``as_data_source``."""
+
+    def __init__(self, data_source, image_key: str, label_key: str, image_size: int | None):
+        self.data_source, self.image_key, self.label_key, self.image_size = (
+            data_source,
+            image_key,
+            label_key,
+            image_size,
+        )
+
+    def __len__(self) -> int:
+        return len(self.data_source)
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        records = self.data_source.__getitems__([int(i) for i in indices])
+        images = [r[self.image_key] for r in records]
+        if self.image_size:
+            images = [resize_center_crop(image, self.image_size) for image in images]
+        return {"image": np.stack(images), "label": np.asarray([r[self.label_key] for r in records], np.int32)}
+
+
+OFFLINE_VARIABLE = "ATTNJAX_OFFLINE"  # set to 1 to never try the network (air-gapped machines)
+
+
+def reachable(host: str, port: int) -> bool:
+    """Whether a TCP connection to ``host:port`` opens within 3 s (never, with ATTNJAX_OFFLINE=1)."""
+    if os.environ.get(OFFLINE_VARIABLE, "") not in ("", "0"):
+        return False
+    return _connects(host, port)
+
+
+@functools.cache
+def _connects(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def _missing_downloads(builder, manual_dir: str | None) -> list[tuple[str, str]]:
+    """(file name, url) of each registered download found neither in ``manual_dir`` nor online."""
+    missing = []
+    for url, info in (builder.url_infos or {}).items():
+        filename = getattr(info, "filename", None) or Path(urllib.parse.urlparse(url).path).name
+        if manual_dir and (Path(manual_dir) / filename).exists():
+            continue
+        parsed = urllib.parse.urlparse(url)
+        if not reachable(parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)):
+            missing.append((filename, url))
+    return missing
+
+
+def _prepare(tfds, builder, name: str, data_dir: str | None, manual_dir: str | None) -> None:
+    where = data_dir or "TFDS's default data_dir (~/tensorflow_datasets)"
+    if manual_dir and not Path(manual_dir).is_dir():
+        raise InputError(f"--manual-dir {manual_dir} is not a folder")
+    missing = _missing_downloads(builder, manual_dir)
+    if missing:
+        files = ", ".join(filename for filename, _ in missing)
+        raise InputError(
+            f"{name} is not prepared in {where}, and there is no network to download it. It needs these "
+            f"files: {files}. Either put the original files in a folder and pass it as --manual-dir "
+            f"(from {missing[0][1]} and the like), or pass --data-dir pointing at a folder where {name} "
+            "is already prepared (as array_record)."
+        )
+    with tempfile.TemporaryDirectory(prefix=f"attnjax-{name}-") as extract_dir:
+        # TFDS names extractions of manual files by file name alone, so mnist would reuse fashion_mnist's
+        # extracted train-images-idx3-ubyte in a shared data_dir: extract each preparation privately.
+        config = tfds.download.DownloadConfig(manual_dir=manual_dir, extract_dir=extract_dir) if manual_dir else None
+        _download_and_prepare(tfds, builder, name, config)
+
+
+def _download_and_prepare(tfds, builder, name: str, config) -> None:
+    try:
+        builder.download_and_prepare(download_config=config, file_format="array_record")
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("tensorflow"):
+            raise
+        raise InputError(
+            f"preparing {name} needs TensorFlow once: pip install 'attnjax[tfds-prepare]' (or tensorflow-cpu); "
+            "or pass --data-dir pointing at a folder where it is already prepared."
+        ) from None
+    except AssertionError as error:  # TFDS's way of saying a manual download is missing
+        raise InputError(f"preparing {name} failed: {error}") from None
+
+
+def load(name: str, *, data_dir: str | None, manual_dir: str | None, image_size: int | None) -> Dataset:
+    """Load TFDS dataset ``name``, preparing it first if needed."""
+    tfds = _import_tfds()
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError:
+        raise InputError(
+            f"unknown dataset {name!r}. Use 'digits', 'folder:PATH', or a TFDS image-classification "
+            "dataset such as mnist, fashion_mnist, cifar10, cifar100, svhn_cropped or imagenette."
+        ) from None
+    info = builder.info
+    image_key, label_key = _supervised_image_keys(tfds, info, name)
+    if not builder.is_prepared():
+        _prepare(tfds, builder, name, data_dir, manual_dir)
+        info = builder.info
+    file_format = getattr(info.file_format, "value", info.file_format)
+    if file_format is not None and file_format != "array_record":
+        raise InputError(
+            f"{name} in {builder.data_dir} is prepared as {file_format}; attnjax reads array_record "
+            "(no TensorFlow at training time). Pass a new --data-dir to prepare it again as array_record."
+        )
+
+    shape = tuple(info.features[image_key].shape)
+    if None in shape[:2] and not image_size:
+        raise InputError(f"{name}'s images vary in size {shape}: pass --image-size N to resize them to N x N")
+    channels = shape[2] if shape[2] is not None else 3
+    size = image_size or None
+    image_shape = (size or shape[0], size or shape[1], channels)
+    test_split = next((s for s in TEST_SPLITS if s in info.splits), None)
+    if TRAIN_SPLIT not in info.splits or test_split is None:
+        raise InputError(f"{name} has splits {list(info.splits)}; attnjax needs 'train' and 'test' (or 'validation')")
+
+    def source(split):
+        src = TfdsSource(builder.as_data_source(split=split), image_key, label_key, size)
+        decoded = len(src) * int(np.prod(image_shape))
+        return load_into_memory(src, f"reading {name} {split} into memory") if decoded <= IN_MEMORY_BYTES else src
+
+    train = source(TRAIN_SPLIT)
+    mean, std = channel_stats(train)
+    label = info.features[label_key]
+    return Dataset(
+        name=name,
+        train=train,
+        test=source(test_split),
+        num_classes=label.num_classes,
+        image_shape=image_shape,
+        mean=mean,
+        std=std,
+        default_augment="none" if name in NO_AUGMENT else "crop" if name in CROP_ONLY else "crop+flip",
+        class_names=list(label.names),
+    )
+
+
+def _supervised_image_keys(tfds, info, name: str) -> tuple[str, str]:
+    keys = info.supervised_keys
+    if not keys or len(keys) != 2 or not all(isinstance(k, str) for k in keys):
+        raise InputError(f"{name} has no (image, label) supervised keys: it is not an image-classification dataset")
+    image_key, label_key = keys
+    if not isinstance(info.features[image_key], tfds.features.Image):
+        raise InputError(f"{name}'s input {image_key!r} is not an image: it is not an image-classification dataset")
+    if not isinstance(info.features[label_key], tfds.features.ClassLabel):
+        raise InputError(f"{name}'s target {label_key!r} is not a class label")
+    return image_key, label_key
