@@ -2,6 +2,7 @@
 
     from attnjax import models
     net = models.create("attention_net", num_classes=10, block="seed")
+    net = models.create("resnet18", num_classes=10, block="se", stem="imagenet")
 
 Every model maps NHWC images to logits and is called as ``model.apply(variables, x, train=...)``.
 """
@@ -12,10 +13,13 @@ import flax.linen as nn
 
 from attnjax import blocks
 from attnjax.models.attention_net import AttentionNet
+from attnjax.models.resnet import BasicBlock, ResNet, ResNet18, ResNet34
 from attnjax.validate import InputError
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "attention_net": AttentionNet,
+    "resnet18": ResNet18,
+    "resnet34": ResNet34,
 }
 
 NO_BLOCK = "none"  # the name that selects the baseline without attention
@@ -51,4 +55,14 @@ def _create_block(name: str) -> nn.Module:
     return blocks.create(name)
 
 
-__all__ = ["AttentionNet", "NO_BLOCK", "block_names", "create", "names"]
+__all__ = [
+    "AttentionNet",
+    "BasicBlock",
+    "NO_BLOCK",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "block_names",
+    "create",
+    "names",
+]
