@@ -1,0 +1,59 @@
+"""The cost table (``python -m attnjax.blocks``) on a tiny input."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from attnjax import blocks
+from attnjax.blocks import cost
+
+
+@pytest.fixture(scope="module")
+def costs():
+    return cost.measure(["se", "coord", "simam"], channels=8, height=4, width=4, batch=2, repeats=3, progress=False)
+
+
+def test_rows_params_flops_and_times(costs):
+    assert [c.name for c in costs] == ["identity", "se", "coord", "simam"]
+    x = jnp.zeros((2, 4, 4, 8))
+    for c in costs[1:]:
+        variables = blocks.create(c.name).init(jax.random.key(0), x)
+        expected = sum(a.size for a in jax.tree_util.tree_leaves(variables.get("params", {})))
+        assert c.params == expected
+        assert 0 < c.forward_flops < c.train_flops
+        assert len(c.times_s) == 3 and all(t > 0 for t in c.times_s)
+    identity = costs[0]
+    assert identity.params == 0 and identity.forward_flops == 0
+    assert costs[3].params == 0  # simam
+
+
+def test_train_step_returns_gradients_and_new_batch_stats():
+    block = blocks.create("coord")
+    x = jax.random.normal(jax.random.key(0), (2, 4, 4, 8))
+    variables = block.init(jax.random.key(1), x)
+    (d_params, d_x), new_stats = cost.train_step_fn(block, variables)(variables["params"], x)
+    assert jax.tree_util.tree_structure(d_params) == jax.tree_util.tree_structure(variables["params"])
+    assert d_x.shape == x.shape
+    assert jax.tree_util.tree_structure(new_stats) == jax.tree_util.tree_structure(variables["batch_stats"])
+    assert not jax.tree_util.tree_all(
+        jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), new_stats, variables["batch_stats"])
+    )
+
+
+def test_tables(costs):
+    text = cost.format_table(costs).splitlines()
+    assert text[0].split() == "block params fwd MFLOP fwd+bwd MFLOP fwd+bwd ms IQR ms vs identity".split()
+    assert text[2].split()[0] == "identity" and text[2].split()[-1] == "1.00"
+    markdown = cost.format_table(costs, markdown=True).splitlines()
+    assert markdown[0].startswith("| block | params |") and markdown[1].startswith("|---|---:|")
+    assert len(markdown) == 2 + len(costs)
+
+
+def test_cli_rejects_unknown_blocks_and_bad_sizes(capsys):
+    with pytest.raises(SystemExit) as error:
+        cost.main(["--blocks", "se,sse"])
+    assert error.value.code == 2
+    assert "unknown block(s) sse" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cost.main(["--repeats", "0"])
+    assert "--repeats must be >= 1" in capsys.readouterr().err
