@@ -11,7 +11,9 @@ import dataclasses
 import sys
 import time
 
-from attnjax import data, models, train
+import jax
+
+from attnjax import data, models, parallel, precision, train
 from attnjax.config import Config
 from attnjax.validate import InputError
 
@@ -20,6 +22,8 @@ CHOICES = {
     "block": models.block_names,
     "augment": lambda: list(data.augment.CHOICES),
     "lr_schedule": lambda: list(train.SCHEDULES),
+    "parallel": lambda: list(parallel.KINDS),
+    "dtype": lambda: list(precision.DTYPES),
 }
 
 
@@ -30,10 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true", help=field.metadata["help"])
+            continue
         choices = CHOICES[field.name]() if field.name in CHOICES else None
         help_text = field.metadata["help"] + (f"; one of: {', '.join(choices)}" if choices else "")
         parser.add_argument(
-            "--" + field.name.replace("_", "-"),
+            flag,
             type=field.metadata["parse"] or field.type,
             default=field.default,
             choices=choices,
@@ -61,8 +69,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str]:
 
 def main(argv: list[str] | None = None) -> None:
     config, workdir = parse_args(argv)
-    print(f"attnjax: {config.model} + {config.block} on {config.dataset}; writing to {workdir}", flush=True)
     try:
+        parallel.initialize_distributed(
+            config.distributed, config.coordinator_address, config.num_processes, config.process_id
+        )
+        if jax.process_index() == 0:
+            print(f"attnjax: {config.model} + {config.block} on {config.dataset}; writing to {workdir}", flush=True)
         train.train_and_evaluate(config, workdir)
     except (InputError, train.TrainingDiverged) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -33,6 +33,21 @@ class Config:
     manual_dir: str | None = _option(
         None, "folder with a TFDS dataset's original files, to prepare it with no network", parse=str
     )
+    parallel: str = _option("pmap", "data-parallel wrapper: pmap (over local devices) or jit (a Mesh over all devices)")
+    dtype: str = _option(
+        "float32", "compute dtype: float32, bfloat16, or float16 (with dynamic loss scaling); parameters stay float32"
+    )
+    grad_accum: int = _option(1, "average the gradients of N batches per update: an N-times larger batch")
+    distributed: bool = _option(
+        False, "start jax.distributed (multi-host); on TPU pods and SLURM/Open MPI clusters it finds the rest itself"
+    )
+    coordinator_address: str | None = _option(
+        None, "multi-host: HOST:PORT of process 0 (or $ATTNJAX_COORDINATOR_ADDRESS)", parse=str
+    )
+    num_processes: int | None = _option(
+        None, "multi-host: the number of processes (or $ATTNJAX_NUM_PROCESSES)", parse=int
+    )
+    process_id: int | None = _option(None, "multi-host: this process's index (or $ATTNJAX_PROCESS_ID)", parse=int)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

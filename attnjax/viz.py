@@ -125,7 +125,7 @@ def render(workdir: str, *, num_images: int = 6, with_photos: bool | None = None
 
     ``with_photos`` (default: for RGB models) adds scikit-image's photographs after the test images.
     """
-    plt = _pyplot()
+    figure_class = _figure_class()
     model, variables, run, dataset = load_run(workdir)
     shape = tuple(run["dataset"]["image_shape"])
     test = dataset.test.get_batch(np.arange(min(num_images, len(dataset.test))))
@@ -145,15 +145,16 @@ def render(workdir: str, *, num_images: int = 6, with_photos: bool | None = None
     logits = model.apply(variables, jnp.asarray(inputs), train=False)
     predicted = [dataset.class_names[int(k)] for k in np.argmax(logits, -1)]
 
-    fig = _draw(plt, to_unit_range(images), maps, titles, predicted, run)
+    fig = _draw(figure_class, to_unit_range(images), maps, titles, predicted, run)
     out = out or os.path.join(workdir, OUTPUT_FILE)
     fig.savefig(out, dpi=100, bbox_inches="tight")
     return out, fig, maps
 
 
-def _draw(plt, images: np.ndarray, maps: Sequence[Map], titles, predicted, run):
+def _draw(figure_class, images: np.ndarray, maps: Sequence[Map], titles, predicted, run):
     rows, cols = len(images), 1 + len(maps)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.0 * rows + 1.0), squeeze=False, layout="constrained")
+    fig = figure_class(figsize=(2.0 * cols, 2.0 * rows + 1.0), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     h, w = images.shape[1:3]
     gray = images.shape[-1] == 1
     for r, image in enumerate(images):
@@ -189,15 +190,13 @@ def _draw(plt, images: np.ndarray, maps: Sequence[Map], titles, predicted, run):
     return fig
 
 
-def _pyplot():
+def _figure_class():
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise InputError("drawing needs matplotlib: pip install 'attnjax[viz]'") from None
-    matplotlib.use("Agg")  # files only: works without a display
-    import matplotlib.pyplot as plt
-
-    return plt
+    # A bare Figure (no pyplot): no global backend switch, so notebooks keep their inline plots.
+    return Figure
 
 
 def main(argv: Sequence[str] | None = None) -> None:

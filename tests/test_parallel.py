@@ -29,18 +29,19 @@ def batches(image_shape, steps=STEPS, seed=0, dtype=np.float32):
     ]
 
 
-def train_on(devices, state, data):
-    p_step = parallel.pmap_step(train_step, devices, donate_state=True)
+def train_on(devices, state, data, kind="pmap"):
+    p_step = parallel.wrap_step(train_step, devices, kind, donate_state=True)
     state = parallel.replicate(state, devices)
     losses = []
     for batch in data:
-        state, metrics = p_step(state, parallel.shard(batch, len(devices)))
+        state, metrics = p_step(state, parallel.put_batch(batch, devices, kind))
         losses.append(float(metrics["loss"]))
     return state, losses
 
 
-@pytest.mark.parametrize("image_shape, block", [((8, 8, 3), "seed"), ((16, 16, 1), "softmax")])
-def test_pmap_on_8_devices_matches_one_device(devices, image_shape, block):
+@pytest.mark.parametrize("kind", parallel.KINDS)
+@pytest.mark.parametrize("image_shape, block", [((8, 8, 3), "seed"), ((16, 16, 1), "softmax"), ((8, 8, 3), "bam")])
+def test_8_devices_match_one_device(devices, image_shape, block, kind):
     with jax.enable_x64(True):
         net = models.create("attention_net", num_classes=10, block=block, dtype=jnp.float64)
         state = create_train_state(jax.random.key(0), net, image_shape, learning_rate=1e-3)
@@ -48,8 +49,8 @@ def test_pmap_on_8_devices_matches_one_device(devices, image_shape, block):
         state = state.replace(opt_state=state.tx.init(state.params))
         data = batches(image_shape, dtype=np.float64)
 
-        one, one_losses = train_on(devices[:1], state, data)
-        eight, eight_losses = train_on(devices, state, data)
+        one, one_losses = train_on(devices[:1], state, data, kind)
+        eight, eight_losses = train_on(devices, state, data, kind)
         plain = state
         for batch in data:  # the step with no parallel wrapper at all
             plain, _ = jax.jit(train_step)(plain, batch)
