@@ -59,7 +59,10 @@ def main():
         losses.append(float(metrics["loss"]))
     if jax.process_index() == 0:
         leaves = jax.tree.leaves(jax.device_get((state.params, state.batch_stats)))
-        moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(initial)))
+        moved = max(
+            float(np.abs(a - b).max())
+            for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(initial), strict=True)
+        )
         np.savez(args.out, *leaves, losses=np.array(losses), moved=moved)
     if args.num_processes > 1:
         jax.distributed.shutdown()

@@ -66,12 +66,11 @@ def test_gradient_accumulation_equals_the_larger_batch(devices, kind, num_device
         big, big_loss = run(1)
         accumulated, accumulated_loss = run(4)
     assert accumulated_loss == pytest.approx(big_loss, rel=1e-6)
-    for got, want, start in zip(
-        jax.tree.leaves(accumulated.params), jax.tree.leaves(big.params), jax.tree.leaves(state.params), strict=True
-    ):
+    for got, want in zip(jax.tree.leaves(accumulated.params), jax.tree.leaves(big.params), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
         assert got.dtype == jnp.float64
-    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(big.params), jax.tree.leaves(state.params)))
+    leaves = zip(jax.tree.leaves(big.params), jax.tree.leaves(state.params), strict=True)
+    moved = max(float(np.abs(a - b).max()) for a, b in leaves)
     assert moved > 1e-3
 
 
