@@ -76,7 +76,9 @@ def main(argv=None) -> None:
     )
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"  {name:>10}: {1e3 * median:8.2f} ms/step  {args.batch_size / median:9,.0f} img/s  {median / base:.3f}x plain jit")
+        print(
+            f"  {name:>10}: {1e3 * median:8.2f} ms/step  {args.batch_size / median:9,.0f} img/s  {median / base:.3f}x plain jit"
+        )
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ def test_attention_resnet_trains_one_pmap_step_with_synchronised_batch_norm(devi
     # Batch norm in the stem, in both residual blocks, in the projection shortcut and inside each coord block.
     assert any("block" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.batch_stats))
     ds = data.load("digits")
-    batch = {"image": ds.train_images[:64], "label": ds.train_labels[:64]}
+    raw = ds.train.get_batch(np.arange(64))
+    batch = {"image": data.augment.normalize(raw["image"], ds.mean, ds.std), "label": raw["label"]}
 
     p_step = parallel.pmap_step(train_step, devices)
     new, metrics = p_step(parallel.replicate(state, devices), parallel.shard(batch, len(devices)))
