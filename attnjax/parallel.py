@@ -39,6 +39,12 @@ KINDS = ("pmap", "jit")
 
 
 def _sharding(devices: Sequence[jax.Device], spec: PartitionSpec) -> NamedSharding:
+    return _cached_sharding(tuple(devices), spec)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_sharding(devices: tuple[jax.Device, ...], spec: PartitionSpec) -> NamedSharding:
+    # Cached: every batch is placed with it, and a Mesh is not free to build.
     return NamedSharding(Mesh(np.asarray(devices), (AXIS,)), spec)
 
 

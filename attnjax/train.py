@@ -135,7 +135,8 @@ def train_step(
         grads = jax.tree.map(lambda g: g / microbatches, grads)
         loss, accuracy = losses.mean(), accuracies.mean()
 
-    grads = jax.tree.map(lambda g: g / scale, grads)
+    if state.loss_scale is not None:
+        grads = jax.tree.map(lambda g: g / scale, grads)
     metrics = {"loss": loss, "accuracy": accuracy}
     if axis_name is not None:
         # Each device holds an equal share of the global batch, so the mean of the
@@ -225,7 +226,8 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> tuple[Trai
     """
     devices = list(devices or parallel.devices_for(config.parallel))
     # pmap maps over each process's local devices; the global batch splits over all of them.
-    check_divisible(config.batch_size, len(devices) * (jax.process_count() if config.parallel == "pmap" else 1))
+    num_devices = len(devices) * (jax.process_count() if config.parallel == "pmap" else 1)
+    check_divisible(config.batch_size, num_devices)
     if config.grad_accum < 1:
         raise InputError(f"--grad-accum must be at least 1, not {config.grad_accum}")
     dtype = precision.compute_dtype(config.dtype)
@@ -246,7 +248,7 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> tuple[Trai
         with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
             run = {
                 "augment": augment,
-                "devices": len(devices) * (jax.process_count() if config.parallel == "pmap" else 1),
+                "devices": num_devices,
                 "processes": jax.process_count(),
                 "jax": jax.__version__,
                 "dataset": dataset.describe(),

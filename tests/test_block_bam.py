@@ -18,13 +18,19 @@ import torch
 import torch.nn.functional as F
 from jax.test_util import check_grads
 from torch import nn
-from torch_reference import flax_to_torch_state, nhwc_to_nchw
+from torch_reference import (
+    nchw_to_nhwc,
+    nhwc_to_nchw,
+    pytorch_running_var,
+    random_images,
+    random_variables,
+    torch_state_with_stats,
+)
 
 from attnjax import blocks
 from attnjax.blocks.bam import BAM, bam_attention
 
 TOL = 1e-5
-MOMENTUM = 0.9  # Flax's convention (weight of the old average); PyTorch's momentum=0.1 is the same update
 PROPERTY_SHAPES = [(2, 8, 8, 64), (1, 7, 7, 16), (3, 1, 1, 32), (2, 5, 9, 24), (2, 3, 4, 20)]
 PARITY_SHAPES = [(2, 8, 8, 32), (3, 7, 5, 20), (2, 1, 1, 12), (4, 3, 10, 48)]
 
@@ -63,63 +69,12 @@ class TorchBAM(nn.Module):
         return x + x * m, mc, ms, m
 
 
-def random_images(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def random_variables(block, x, seed=0):
-    """Variables of ``block``'s structure for input ``x``, drawn with NumPy (no compilation, unlike ``init``).
-
-    Kernels ~ N(0, 1/fan_in); biases, BN shifts and running means ~ N(0, 0.3^2); BN scales in
-    [0.5, 1.5]; running variances in [0.5, 2]: all non-trivial, so that all take part in the comparison.
-    """
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif name == "scale":
-            value = rng.uniform(0.5, 1.5, leaf.shape)
-        elif name == "var":
-            value = rng.uniform(0.5, 2.0, leaf.shape)
-        else:
-            value = 0.3 * rng.normal(size=leaf.shape)
-        return value.astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(block.init, jax.random.key(0), x))
-
-
-def to_torch_state(variables):
-    """attnjax variables as a PyTorch state dict: BN scale -> weight, batch_stats mean/var -> running_mean/var."""
-    state = {k.replace(".scale", ".weight"): v for k, v in flax_to_torch_state(variables["params"]).items()}
-    for name, value in flax_to_torch_state(variables["batch_stats"]).items():
-        module, stat = name.rsplit(".", 1)
-        state[f"{module}.running_{stat}"] = value
-        state[f"{module}.num_batches_tracked"] = torch.tensor(0)
-    return state
-
-
-def pytorch_running_var(new, old, count):
-    """Flax's updated running variance as PyTorch would store it.
-
-    Both mix the batch variance into the running average with the same momentum, but PyTorch uses the
-    unbiased batch variance (divided by count - 1) and Flax the biased one (divided by count).
-    """
-    batch_var = (new - MOMENTUM * old) / (1 - MOMENTUM)
-    return MOMENTUM * old + (1 - MOMENTUM) * batch_var * count / (count - 1)
-
-
-def nchw_to_nhwc(t):
-    return t.detach().numpy().transpose(0, 2, 3, 1)
-
-
 def setup(shape, seed=0):
     x = random_images(shape, seed)
     block = BAM()
     variables = random_variables(block, x, seed + 1)
     reference = TorchBAM(shape[-1])
-    reference.load_state_dict(to_torch_state(variables), strict=True)
+    reference.load_state_dict(torch_state_with_stats(variables), strict=True)
     return x, block, variables, reference
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from jax.test_util import check_grads
 from torch import nn
-from torch_reference import nhwc_to_nchw
+from torch_reference import nhwc_to_nchw, random_images
 
 from attnjax import blocks
 from attnjax.blocks.eca import EfficientChannelAttention, channel_conv, eca_kernel_size
@@ -44,10 +44,6 @@ def paper_kernel_size(channels, gamma=2, b=1):
     """
     t = abs(math.log2(channels) / gamma + b / gamma)
     return 2 * math.floor(t / 2) + 1
-
-
-def random_images(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def setup(shape, seed=0):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from jax.test_util import check_grads
 from torch import nn
-from torch_reference import flax_to_torch_state, nhwc_to_nchw
+from torch_reference import flax_to_torch_state, nhwc_to_nchw, random_images, random_variables
 
 from attnjax import blocks
 from attnjax.blocks.gc import GlobalContext, attention_pool
@@ -41,31 +41,6 @@ class TorchGC(nn.Module):
         context = torch.bmm(x.reshape(n, c, h * w), a).reshape(n, c, 1, 1)
         t = self.expand(F.relu(self.norm(self.reduce(context))))
         return x + t, a.reshape(n, 1, h, w)
-
-
-def random_images(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def random_variables(block, x, seed=0):
-    """Variables of ``block``'s structure for input ``x``, drawn with NumPy (no compilation, unlike ``init``).
-
-    Kernels ~ N(0, 1/fan_in), the zero-initialised last one included; biases and LayerNorm shifts
-    ~ N(0, 0.3^2); LayerNorm scales in [0.5, 1.5].
-    """
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-        elif name == "scale":
-            value = rng.uniform(0.5, 1.5, leaf.shape)
-        else:
-            value = 0.3 * rng.normal(size=leaf.shape)
-        return value.astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(block.init, jax.random.key(0), x))
 
 
 def to_torch_state(params):

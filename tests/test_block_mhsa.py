@@ -11,7 +11,7 @@ import pytest
 import torch
 from jax.test_util import check_grads
 from torch import nn
-from torch_reference import flax_to_torch_state, nhwc_to_nchw
+from torch_reference import flax_to_torch_state, nhwc_to_nchw, random_variables
 
 from attnjax import blocks
 from attnjax.blocks import MultiHeadSelfAttention
@@ -54,19 +54,6 @@ class TorchMHSA(nn.Module):
         a = torch.softmax(q @ k.transpose(2, 3) / math.sqrt(c // heads), dim=-1)  # (N, heads, HW, HW)
         o = (a @ v).transpose(2, 3).reshape(n, c, h, w)
         return x + self.out(o), a
-
-
-def random_variables(block, x, seed=0):
-    """Random params in the shapes that ``block.init`` gives (found without compiling it): kernels ~ N(0, 1/fan_in),
-    biases ~ N(0, 0.3^2). The output projection is therefore non-zero, unlike at initialisation."""
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(block.init, jax.random.key(0), x)
-
-    def fill(path, leaf):
-        scale = np.prod(leaf.shape[:-1]) ** -0.5 if path[-1].key == "kernel" else 0.3
-        return rng.normal(0, scale, leaf.shape).astype(np.float32)
-
-    return {"params": jax.tree_util.tree_map_with_path(fill, shapes["params"])}
 
 
 def random_images(shape, seed=0):

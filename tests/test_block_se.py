@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from jax.test_util import check_grads
 from torch import nn
-from torch_reference import flax_to_torch_state, nhwc_to_nchw
+from torch_reference import flax_to_torch_state, nhwc_to_nchw, random_images, random_variables
 
 from attnjax import blocks
 from attnjax.blocks.se import SqueezeExcitation, global_avg_pool
@@ -34,25 +34,6 @@ class TorchSE(nn.Module):
         z = x.mean(dim=(2, 3))
         s = torch.sigmoid(self.expand(F.relu(self.reduce(z))))
         return x * s[:, :, None, None]
-
-
-def random_images(shape, seed=0):
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def random_variables(block, x, seed=0):
-    """Variables of ``block``'s structure for input ``x``, drawn with NumPy (no compilation, unlike ``init``).
-
-    Kernels ~ N(0, 1/fan_in); biases ~ N(0, 0.3^2), so that they take part in the comparison.
-    """
-    rng = np.random.default_rng(seed)
-
-    def draw(path, leaf):
-        if path[-1].key == "kernel":
-            return (rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))).astype(np.float32)
-        return (0.3 * rng.normal(size=leaf.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(block.init, jax.random.key(0), x))
 
 
 def setup(shape, seed=0):

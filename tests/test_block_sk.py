@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from jax.test_util import check_grads
 from torch import nn
-from torch_reference import flax_to_torch_state, nhwc_to_nchw
+from torch_reference import nhwc_to_nchw, random_images, random_variables, torch_state_with_stats
 
 from attnjax import blocks
 from attnjax.blocks import SelectiveKernelAttention
@@ -49,48 +49,12 @@ def paper_widths(channels):
     return groups, max(channels // 16, min(channels, 32))
 
 
-def torch_state(variables) -> dict[str, torch.Tensor]:
-    """Flax params and batch_stats as a PyTorch state dict (BN scale -> weight, mean/var -> running_*)."""
-    renames = {"scale": "weight", "mean": "running_mean", "var": "running_var"}
-    state = {}
-    for collection in ("params", "batch_stats"):
-        for name, value in flax_to_torch_state(variables[collection]).items():
-            module, key = name.rsplit(".", 1)
-            state[f"{module}.{renames.get(key, key)}"] = value
-            if key == "mean":
-                state[f"{module}.num_batches_tracked"] = torch.tensor(0)
-    return state
-
-
-def random_variables(block, x, seed=0):
-    """Random params and BN statistics in the shapes that ``block.init`` gives (found without compiling it).
-
-    Kernels ~ N(0, 1/fan_in); BN scale and running variance in [0.5, 2]; biases and running means ~ N(0, 0.3^2).
-    """
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(block.init, jax.random.key(0), x)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            return rng.normal(0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape).astype(np.float32)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
-        return rng.normal(0, 0.3, leaf.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, {c: shapes[c] for c in ("params", "batch_stats")})
-
-
-def random_images(shape, seed=0):
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-
-
 BLOCK = SelectiveKernelAttention()
 _apply = jax.jit(functools.partial(BLOCK.apply, mutable=["intermediates", "batch_stats"]), static_argnames="train")
 
 
 def init(x, seed=0):
-    return random_variables(BLOCK, x, seed)
+    return random_variables(BLOCK, x, seed, scale_range=(0.5, 2.0))
 
 
 def apply(variables, x, train=False):
@@ -101,7 +65,7 @@ def apply(variables, x, train=False):
 
 def run_torch(variables, x, train):
     reference = TorchSK(x.shape[-1], *paper_widths(x.shape[-1]))
-    reference.load_state_dict(torch_state(variables), strict=True)
+    reference.load_state_dict(torch_state_with_stats(variables), strict=True)
     reference.train(train).to(torch.float64 if x.dtype == np.float64 else torch.float32)
     with torch.no_grad():
         y, a = reference(nhwc_to_nchw(np.array(x)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from jax.test_util import check_grads
 from torch import nn
-from torch_reference import flax_to_torch_state, nhwc_to_nchw
+from torch_reference import nhwc_to_nchw, random_images, random_variables, torch_state_with_stats
 
 from attnjax import blocks
 from attnjax.blocks import TripletAttention
@@ -59,42 +59,7 @@ class TorchTriplet(nn.Module):
         return y, gates
 
 
-def torch_state(variables) -> dict[str, torch.Tensor]:
-    """Flax params and batch_stats as TorchTriplet's state dict (cw_conv -> cw.conv, BN scale -> weight, ...)."""
-    renames = {"scale": "weight", "mean": "running_mean", "var": "running_var"}
-    state = {}
-    for collection in ("params", "batch_stats"):
-        for name, value in flax_to_torch_state(variables[collection]).items():
-            module, key = name.rsplit(".", 1)
-            module = module.replace("_", ".")  # "cw_conv" -> "cw.conv"
-            state[f"{module}.{renames.get(key, key)}"] = value
-            if key == "mean":
-                state[f"{module}.num_batches_tracked"] = torch.tensor(0)
-    return state
-
-
-def random_variables(block, x, seed=0):
-    """Random params and BN statistics in the shapes that ``block.init`` gives (found without compiling it).
-
-    Kernels ~ N(0, 1/fan_in); BN scale and running variance in [0.5, 2]; biases and running means ~ N(0, 0.3^2).
-    """
-    rng = np.random.default_rng(seed)
-    shapes = jax.eval_shape(block.init, jax.random.key(0), x)
-
-    def fill(path, leaf):
-        name = path[-1].key
-        if name == "kernel":
-            return rng.normal(0, np.prod(leaf.shape[:-1]) ** -0.5, leaf.shape).astype(np.float32)
-        if name in ("scale", "var"):
-            return rng.uniform(0.5, 2.0, leaf.shape).astype(np.float32)
-        return rng.normal(0, 0.3, leaf.shape).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, {c: shapes[c] for c in ("params", "batch_stats")})
-
-
-def random_images(shape, seed=0):
-    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-
+TRIPLET_MODULE_NAME = lambda module: module.replace("_", ".")  # noqa: E731  Flax "cw_conv" is PyTorch "cw.conv"
 
 BLOCK = TripletAttention()
 _apply = jax.jit(functools.partial(BLOCK.apply, mutable=["intermediates", "batch_stats"]), static_argnames="train")
@@ -108,7 +73,7 @@ def apply(variables, x, train=False):
 
 def run_torch(variables, x, train):
     reference = TorchTriplet()
-    reference.load_state_dict(torch_state(variables), strict=True)
+    reference.load_state_dict(torch_state_with_stats(variables, TRIPLET_MODULE_NAME), strict=True)
     reference.train(train)
     with torch.no_grad():
         y, gates = reference(nhwc_to_nchw(np.array(x)))
@@ -120,7 +85,7 @@ def run_torch(variables, x, train):
 @pytest.mark.parametrize("shape", [(2, 8, 8, 16), (2, 5, 9, 24), (1, 7, 4, 11), (3, 1, 1, 32), (2, 4, 6, 5)])
 def test_matches_pytorch_in_eval_mode_with_running_statistics(shape):
     x = random_images(shape, seed=1)
-    variables = random_variables(BLOCK, x)
+    variables = random_variables(BLOCK, x, scale_range=(0.5, 2.0))
     y, intermediates, _ = apply(variables, x)
     _, expected, expected_gates = run_torch(variables, x, train=False)
     np.testing.assert_allclose(np.asarray(y), expected, rtol=TOL, atol=TOL)
@@ -131,7 +96,7 @@ def test_matches_pytorch_in_eval_mode_with_running_statistics(shape):
 @pytest.mark.parametrize("shape", [(2, 8, 8, 16), (2, 5, 9, 24), (3, 1, 1, 32), (2, 4, 6, 5)])
 def test_matches_pytorch_in_train_mode_with_batch_statistics(shape):
     x = random_images(shape, seed=2)
-    variables = random_variables(BLOCK, x, seed=1)
+    variables = random_variables(BLOCK, x, seed=1, scale_range=(0.5, 2.0))
     y, _, new_stats = apply(variables, x, train=True)
     reference, expected, _ = run_torch(variables, x, train=True)
     np.testing.assert_allclose(np.asarray(y), expected, rtol=TOL, atol=TOL)
@@ -145,7 +110,7 @@ def test_matches_pytorch_in_train_mode_with_batch_statistics(shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_shapes_sown_gates_and_output_is_the_mean_of_gated_inputs(shape):
     x = random_images(shape, seed=3)
-    y, intermediates, _ = apply(random_variables(BLOCK, x), x)
+    y, intermediates, _ = apply(random_variables(BLOCK, x, scale_range=(0.5, 2.0)), x)
     chex.assert_shape(y, shape)
     assert sorted(intermediates) == sorted(GATE_SHAPES)
     gates = [intermediates[name][0] for name in GATE_SHAPES]
@@ -164,7 +129,7 @@ def test_each_gate_pools_its_axis_away(axis, unchanged):
     """Z-pool is invariant to reordering the pooled axis, so shuffling H leaves the (C, W) gate as it is, etc."""
     shape = (2, 5, 6, 7)
     x = random_images(shape, seed=4)
-    variables = random_variables(BLOCK, x)
+    variables = random_variables(BLOCK, x, scale_range=(0.5, 2.0))
     shuffled = jnp.take(x, jax.random.permutation(jax.random.key(5), shape[axis]), axis=axis)
     _, gates, _ = apply(variables, x)
     _, gates_shuffled, _ = apply(variables, shuffled)

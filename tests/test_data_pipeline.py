@@ -18,7 +18,7 @@ def indexed_dataset(n_train=100, n_test=37):
         name="indexed",
         train=ArraySource(images(n_train), np.arange(n_train) % 10),
         test=ArraySource(images(n_test), np.arange(n_test) % 10),
-        num_classes=10,
+        class_names=[str(k) for k in range(10)],
         image_shape=(4, 4, 1),
         mean=(0.0,),
         std=(1.0,),

@@ -6,6 +6,7 @@ README), in PyTorch's own NCHW layout. Nothing here imports attnjax.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -114,3 +115,67 @@ def flax_to_torch_state(params, final_hw: tuple[int, int] | None = None) -> dict
 
 def nhwc_to_nchw(x) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+
+
+def nchw_to_nhwc(t: torch.Tensor) -> np.ndarray:
+    return t.detach().numpy().transpose(0, 2, 3, 1)
+
+
+# Helpers shared by the blocks' reference tests (tests/test_block_<name>.py).
+
+BN_MOMENTUM = 0.9  # Flax's convention (weight of the old average); PyTorch's momentum=0.1 is the same update
+
+
+def random_images(shape, seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def random_variables(block, x, seed=0, scale_range=(0.5, 1.5)) -> dict:
+    """Variables of ``block``'s structure for input ``x``, drawn with NumPy (no compilation, unlike ``init``).
+
+    Kernels ~ N(0, 1/fan_in); biases, BN shifts and running means ~ N(0, 0.3^2); norm scales
+    uniform in ``scale_range``; running variances in [0.5, 2]: all non-trivial, so that all take
+    part in the comparison.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            value = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+        elif name == "scale":
+            value = rng.uniform(*scale_range, leaf.shape)
+        elif name == "var":
+            value = rng.uniform(0.5, 2.0, leaf.shape)
+        else:
+            value = 0.3 * rng.normal(size=leaf.shape)
+        return value.astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(block.init, jax.random.key(0), x))
+
+
+def torch_state_with_stats(variables, module_name=lambda name: name) -> dict[str, torch.Tensor]:
+    """Flax params and batch_stats as a PyTorch state dict: BN scale -> weight, mean/var -> running_mean/var.
+
+    ``module_name`` maps a Flax module path ("cw_conv") to the PyTorch one ("cw.conv").
+    """
+    renames = {"scale": "weight", "mean": "running_mean", "var": "running_var"}
+    state = {}
+    for collection in ("params", "batch_stats"):
+        for name, value in flax_to_torch_state(variables.get(collection, {})).items():
+            module, key = name.rsplit(".", 1)
+            module = module_name(module)
+            state[f"{module}.{renames.get(key, key)}"] = value
+            if key == "mean":
+                state[f"{module}.num_batches_tracked"] = torch.tensor(0)
+    return state
+
+
+def pytorch_running_var(new, old, count):
+    """Flax's updated running variance as PyTorch would store it.
+
+    Both mix the batch variance into the running average with the same momentum, but PyTorch uses the
+    unbiased batch variance (divided by count - 1) and Flax the biased one (divided by count).
+    """
+    batch_var = (new - BN_MOMENTUM * old) / (1 - BN_MOMENTUM)
+    return BN_MOMENTUM * old + (1 - BN_MOMENTUM) * batch_var * count / (count - 1)

@@ -87,12 +87,15 @@ class Dataset:
     name: str
     train: Source
     test: Source
-    num_classes: int
+    class_names: Sequence[str]  # label k is class_names[k]
     image_shape: tuple[int, int, int]
     mean: tuple[float, ...]  # per channel, pixels in [0, 1]
     std: tuple[float, ...]
     default_augment: str  # what --augment auto means for this dataset
-    class_names: Sequence[str] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
     def describe(self) -> dict:
         """The facts about this dataset worth recording with a run."""

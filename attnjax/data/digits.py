@@ -29,7 +29,6 @@ def load() -> Dataset:
         name="digits",
         train=train_source,
         test=ArraySource(images[test], labels[test]),
-        num_classes=10,
         image_shape=(8, 8, 1),
         mean=mean,
         std=std,

@@ -102,7 +102,6 @@ def load(path: str, *, image_size: int | None = None) -> Dataset:
         name=f"folder:{root}",
         train=train,
         test=source(test_files, test_labels, "test"),
-        num_classes=len(classes),
         image_shape=tuple(shape),
         mean=mean,
         std=std,

@@ -51,12 +51,9 @@ class TfdsSource:
     """A split of a prepared TFDS dataset, read in batches through ``as_data_source``."""
 
     def __init__(self, data_source, image_key: str, label_key: str, image_size: int | None):
-        self.data_source, self.image_key, self.label_key, self.image_size = (
-            data_source,
-            image_key,
-            label_key,
-            image_size,
-        )
+        self.data_source = data_source
+        self.image_key, self.label_key = image_key, label_key
+        self.image_size = image_size
 
     def __len__(self) -> int:
         return len(self.data_source)
@@ -179,7 +176,6 @@ def load(name: str, *, data_dir: str | None, manual_dir: str | None, image_size:
         name=name,
         train=train,
         test=source(test_split),
-        num_classes=label.num_classes,
         image_shape=image_shape,
         mean=mean,
         std=std,
