@@ -14,7 +14,9 @@ import time
 import jax
 
 from attnjax import data, models, parallel, precision, train
+from attnjax.checkpoint import CheckpointError
 from attnjax.config import Config
+from attnjax.preemption import Interrupted
 from attnjax.validate import InputError
 
 CHOICES = {
@@ -49,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
             metavar=field.name.upper(),
         )
     parser.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="refuse a --workdir that already holds a run, instead of continuing it from its latest checkpoint",
+    )
+    parser.add_argument(
         "--workdir",
         default=None,
         help="folder for config.json and metrics.jsonl (one JSON line per epoch); "
@@ -57,28 +64,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, str]:
+def parse_args(argv: list[str] | None = None) -> tuple[Config, str, bool]:
+    """The config, the workdir and whether to continue a run found there."""
     args = vars(build_parser().parse_args(argv))
-    workdir = args.pop("workdir")
+    workdir, resume = args.pop("workdir"), not args.pop("no_resume")
     config = Config(**args)
     if workdir is None:
         dataset = config.dataset.replace(data.FOLDER_PREFIX, "").strip("/").replace("/", "_")
         workdir = f"runs/{dataset}-{config.model}-{config.block}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return config, workdir
+    return config, workdir, resume
+
+
+# Exit statuses: a script or scheduler can tell a mistake from a divergence from an interruption.
+EXIT_BAD_INPUT = 2  # an option, a workdir or a file is wrong: the message says which and what works
+EXIT_DIVERGED = 3  # the loss or a gradient stopped being finite
+EXIT_CHECKPOINT = 4  # a checkpoint could not be written or read
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on SIGTERM/SIGINT after saving; rerun the same command to continue
+EXIT_ABORTED = 130  # Ctrl-C before training started, or twice: nothing new was saved
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, workdir = parse_args(argv)
+    config, workdir, resume = parse_args(argv)
+    failures = (
+        (InputError, EXIT_BAD_INPUT),
+        (train.TrainingDiverged, EXIT_DIVERGED),
+        (CheckpointError, EXIT_CHECKPOINT),
+        (Interrupted, EXIT_INTERRUPTED),
+    )
     try:
+        train.check_config(config)  # every option, before JAX starts a backend or a multi-host runtime
         parallel.initialize_distributed(
             config.distributed, config.coordinator_address, config.num_processes, config.process_id
         )
         if jax.process_index() == 0:
             print(f"attnjax: {config.model} + {config.block} on {config.dataset}; writing to {workdir}", flush=True)
-        train.train_and_evaluate(config, workdir)
-    except (InputError, train.TrainingDiverged) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        train.train_and_evaluate(config, workdir, resume=resume)
+    except tuple(kind for kind, _ in failures) as error:
+        status = next(code for kind, code in failures if isinstance(error, kind))
+        print(f"{'stopped' if status == EXIT_INTERRUPTED else 'error'}: {error}", file=sys.stderr, flush=True)
+        sys.exit(status)
+    except KeyboardInterrupt:
+        print("aborted by Ctrl-C; the checkpoints already committed are kept", file=sys.stderr, flush=True)
+        sys.exit(EXIT_ABORTED)
 
 
 if __name__ == "__main__":

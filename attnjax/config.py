@@ -38,6 +38,12 @@ class Config:
         "float32", "compute dtype: float32, bfloat16, or float16 (with dynamic loss scaling); parameters stay float32"
     )
     grad_accum: int = _option(1, "average the gradients of N batches per update: an N-times larger batch")
+    checkpoint_every_steps: int = _option(
+        0, "also save a checkpoint every N optimizer steps (0: only at epoch ends, on preemption and at the end)"
+    )
+    checkpoint_every_minutes: float = _option(
+        10.0, "also save a checkpoint when M minutes have passed since the last one (0: never by time)"
+    )
     distributed: bool = _option(
         False, "start jax.distributed (multi-host); on TPU pods and SLURM/Open MPI clusters it finds the rest itself"
     )
@@ -51,3 +57,30 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def trajectory_diff(self, other: dict) -> list[str]:
+        """The fields that change training's result and differ from ``other`` (a saved config), as lines."""
+        return [
+            f"--{name.replace('_', '-')}: the run has {other.get(name)!r}, this command {getattr(self, name)!r}"
+            for name in TRAJECTORY_FIELDS
+            if other.get(name) != getattr(self, name)
+        ]
+
+
+# The options that change what training computes: a run continues only with all of them unchanged.
+# Paths, checkpoint intervals and multi-host addresses may change between an interruption and its resume.
+TRAJECTORY_FIELDS = (
+    "dataset",
+    "model",
+    "block",
+    "seed",
+    "batch_size",
+    "learning_rate",
+    "lr_schedule",
+    "epochs",
+    "dtype",
+    "grad_accum",
+    "augment",
+    "image_size",
+    "parallel",
+)

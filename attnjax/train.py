@@ -13,7 +13,10 @@ import functools
 import json
 import math
 import os
+import sys
 import time
+from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 import flax
@@ -26,11 +29,14 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from attnjax import checkpoint, data, models, parallel, precision
+from attnjax.checkpoint import CheckpointError
 from attnjax.config import Config
+from attnjax.preemption import Interrupted, Preemption
 from attnjax.validate import InputError, check_divisible
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+PROGRESS_FILE = "progress"  # the last step dispatched, rewritten in place every step: how much an interruption lost
 TIMING_FIELDS = ("images_per_second", "epoch_seconds")  # the only fields that vary between identical runs
 
 
@@ -49,7 +55,7 @@ class TrainState(train_state.TrainState):
 
 
 class TrainingDiverged(FloatingPointError):
-    """The training loss stopped being finite."""
+    """The training loss or a gradient stopped being finite."""
 
 
 def create_model(config: Config, num_classes: int) -> nn.Module:
@@ -101,6 +107,10 @@ def train_step(
 ) -> tuple[TrainState, dict]:
     """One Adam step on ``batch``; with ``axis_name``, gradients and metrics are averaged over it.
 
+    ``metrics`` holds the batch's ``loss`` and ``accuracy`` and ``finite``: False when the loss
+    or a gradient is not finite (float16: when the loss is not; overflowing gradients there
+    only skip the update).
+
     ``dtype`` is the compute dtype (``None``: the parameters' own; parameters and optimizer
     state keep theirs, see :mod:`attnjax.precision`). With ``microbatches`` = N the batch is processed as N equal
     microbatches whose gradients are averaged before the one update: the same step as on the
@@ -144,13 +154,18 @@ def train_step(
         grads = jax.lax.pmean(grads, axis_name)
         metrics = jax.lax.pmean(metrics, axis_name)
     new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    if state.loss_scale is not None:
+    grads_finite = precision.all_finite(grads)
+    if state.loss_scale is None:
+        metrics["finite"] = jnp.isfinite(metrics["loss"]) & grads_finite
+    else:
         # float16: skip a step whose gradients overflowed (the same decision on every device,
-        # as the gradients are already averaged) and adapt the scale.
-        finite = precision.all_finite(grads)
-        new_state = precision.select_tree(finite, new_state, state)
-        new_state = new_state.replace(loss_scale=state.loss_scale.adjust(finite))
+        # as the gradients are already averaged) and adapt the scale. Overflowing gradients
+        # are expected there; only a non-finite loss means divergence.
+        new_state = precision.select_tree(grads_finite, new_state, state)
+        new_state = new_state.replace(loss_scale=state.loss_scale.adjust(grads_finite))
         metrics["loss_scale"] = state.loss_scale.scale
+        metrics["finite"] = jnp.isfinite(metrics["loss"])
+    # ``finite`` is the NaN guard, computed here so that the loop reads one flag and never the state.
     return new_state, metrics
 
 
@@ -181,16 +196,29 @@ def eval_step(state: TrainState, batch: dict, axis_name: str | None = None, *, d
 
 
 def evaluate(
-    p_eval_step, state, dataset: data.Dataset, batch_size: int, devices, split: str = "test", kind: str = "pmap"
-) -> dict:
+    p_eval_step,
+    state,
+    dataset: data.Dataset,
+    batch_size: int,
+    devices,
+    split: str = "test",
+    kind: str = "pmap",
+    stop: Callable[[], bool] | None = None,
+) -> dict | None:
     """Loss and accuracy over every example of ``split`` exactly once; accuracy = correct / examples.
 
     ``p_eval_step`` is :func:`eval_step` under the ``kind`` wrapper over ``devices``.
+    ``stop`` is asked after every batch; when it answers True, evaluation ends early and
+    returns ``None`` (a preempted run evaluates again when it resumes).
     """
     batches = data.pipeline.eval_batches(
         dataset, batch_size, split=split, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    sums = [p_eval_step(state, batch) for batch in parallel.to_devices(batches, devices, kind=kind)]
+    sums = []
+    for batch in parallel.to_devices(batches, devices, kind=kind):
+        sums.append(p_eval_step(state, batch))
+        if stop is not None and stop():
+            return None
     sums = jax.tree.map(lambda *xs: float(np.sum(xs)), *jax.device_get(sums))
     count, expected = int(round(sums["count"])), len(getattr(dataset, split))
     if count != expected:
@@ -203,13 +231,97 @@ def evaluate(
     }
 
 
-def check_workdir_is_new(workdir: str) -> None:
+def check_config(config: Config) -> None:
+    """Refuse a configuration that cannot train, before any work: the error names the option and what works."""
+
+    def refuse(option: str, value, expected: str):
+        raise InputError(f"--{option.replace('_', '-')} {value!r} is invalid: {expected}")
+
+    for name in ("epochs", "batch_size", "grad_accum"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            refuse(name, value, "use a whole number of at least 1")
+    if not (math.isfinite(config.learning_rate) and config.learning_rate > 0):
+        refuse("learning_rate", config.learning_rate, "use a finite number above 0, such as 1e-3 (the tutorial's)")
+    if config.image_size < 0:
+        refuse("image_size", config.image_size, "use 0 (keep the images' size) or a size in pixels")
+    if config.checkpoint_every_steps < 0:
+        refuse("checkpoint_every_steps", config.checkpoint_every_steps, "use 0 (off) or a number of steps")
+    if not (math.isfinite(config.checkpoint_every_minutes) and config.checkpoint_every_minutes >= 0):
+        refuse("checkpoint_every_minutes", config.checkpoint_every_minutes, "use 0 (off) or a number of minutes")
+    names = {
+        "model": models.names(),
+        "block": models.block_names(),
+        "lr_schedule": list(SCHEDULES),
+        "augment": list(data.augment.CHOICES),
+        "dtype": list(precision.DTYPES),
+        "parallel": list(parallel.KINDS),
+    }
+    for name, valid in names.items():
+        if getattr(config, name) not in valid:
+            refuse(name, getattr(config, name), f"valid: {', '.join(valid)}")
+
+
+def _read_config(workdir: str) -> dict | None:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{path} cannot be read ({error}); restore it, or pass a new --workdir") from None
+
+
+def _metrics_lines(workdir: str) -> int:
     path = os.path.join(workdir, METRICS_FILE)
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def check_workdir(config: Config, workdir: str, resume: bool = True) -> None:
+    """Refuse a workdir this run must not touch, before any work; create it if it is new.
+
+    A workdir that holds a run is continued (``resume``) only with the same options that
+    shape training (:data:`attnjax.config.TRAJECTORY_FIELDS`); ``resume=False`` refuses it.
+    """
+    names = (CONFIG_FILE, METRICS_FILE, checkpoint.CHECKPOINTS_DIR)
+    holds = [name for name in names if os.path.exists(os.path.join(workdir, name))]
+    if holds and not resume:
         raise InputError(
-            f"{path} already exists from an earlier run; attnjax does not overwrite results. "
-            "Pass a new --workdir (or move that run away)."
+            f"{workdir} holds a run ({', '.join(holds)}) and --no-resume refuses to touch it: "
+            "drop --no-resume to continue that run, or pass a new --workdir."
         )
+    saved = _read_config(workdir)
+    if saved is not None:
+        diff = config.trajectory_diff(saved)
+        if diff:
+            raise InputError(
+                f"{workdir} holds a run with other options, and continuing it with these would not reproduce it:\n  "
+                + "\n  ".join(diff)
+                + "\nRerun with the run's options to continue it, or pass a new --workdir."
+            )
+    has_checkpoints = os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS_DIR))
+    if _metrics_lines(workdir) and not has_checkpoints:
+        raise InputError(
+            f"{os.path.join(workdir, METRICS_FILE)} already exists from an earlier run that left no checkpoint to "
+            "continue from; attnjax does not overwrite results. Pass a new --workdir (or move that run away)."
+        )
+    if jax.process_index() != 0:
+        return
+    probe = os.path.join(workdir, f".attnjax-write-test-{os.getpid()}")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise InputError(
+            f"--workdir {workdir} cannot be created or written ({error.strerror or error}): "
+            "pass a folder you can write to."
+        ) from None
 
 
 def write_json_line(path: str, record: dict) -> None:
@@ -217,23 +329,88 @@ def write_json_line(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def train_and_evaluate(config: Config, workdir: str, devices=None) -> tuple[TrainState, list[dict]]:
-    """Train ``config.model`` on ``config.dataset``, evaluating after every epoch.
+def write_file_atomically(path: str, text: str) -> None:
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        f.write(text)
+    os.replace(partial, path)
 
-    Writes ``config.json``, one line per epoch to ``metrics.jsonl``, and after every epoch
-    the model's variables to ``variables.msgpack`` (:mod:`attnjax.checkpoint`) in ``workdir``.
+
+def versions() -> dict:
+    found = {}
+    for package in ("attnjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+class Progress:
+    """The last step dispatched, kept in ``WORKDIR/progress`` (rewritten in place, no fsync: cheap every step).
+
+    After a kill, the next run reads it to say how many steps the interruption cost.
+    """
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.path = os.path.join(workdir, PROGRESS_FILE)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644) if enabled else None
+
+    def last_step(self) -> int | None:
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or "x")
+        except (OSError, ValueError):
+            return None
+
+    def update(self, step: int) -> None:
+        if self.fd is not None:
+            os.pwrite(self.fd, f"{step:>20}\n".encode(), 0)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def epoch_means(values: dict[str, list[float]]) -> dict[str, float]:
+    """Per-step metrics averaged in float64: the same value whether the floats came from the devices or a checkpoint."""
+    return {k: float(np.mean(np.asarray(v, np.float64))) for k, v in values.items()}
+
+
+GUARD_LAG = 2  # the NaN guard reads the flag of the step this many steps back: finished, so the read never waits
+RECORDED_METRICS = ("loss", "accuracy")
+
+
+def train_and_evaluate(
+    config: Config,
+    workdir: str,
+    devices=None,
+    *,
+    resume: bool = True,
+    preemption: Preemption | None = None,
+    asynchronous_checkpoints: bool = True,
+) -> tuple[TrainState, list[dict]]:
+    """Train ``config.model`` on ``config.dataset``, evaluating after every epoch; continue ``workdir``'s run if it has one.
+
+    Writes ``config.json``, one line per epoch to ``metrics.jsonl``, the model's variables to
+    ``variables.msgpack`` after every epoch, and full-state checkpoints (:mod:`attnjax.checkpoint`)
+    at every epoch end, every ``config.checkpoint_every_steps`` steps and
+    ``config.checkpoint_every_minutes`` minutes, and on SIGTERM/SIGINT (``preemption``), after
+    which it raises :class:`Interrupted`. A workdir with a checkpoint continues from it and
+    ends bit-identical to an uninterrupted run on the same number of devices.
     Returns the final state and the per-epoch metrics.
     """
+    check_config(config)
     devices = list(devices or parallel.devices_for(config.parallel))
     # pmap maps over each process's local devices; the global batch splits over all of them.
     num_devices = len(devices) * (jax.process_count() if config.parallel == "pmap" else 1)
     check_divisible(config.batch_size, num_devices)
-    if config.grad_accum < 1:
-        raise InputError(f"--grad-accum must be at least 1, not {config.grad_accum}")
     dtype = precision.compute_dtype(config.dtype)
     leader = jax.process_index() == 0  # only process 0 writes files and prints
-    if leader:
-        check_workdir_is_new(workdir)
+    check_workdir(config, workdir, resume)
+    say = print if leader else (lambda *args, **kwargs: None)
+
     dataset = data.load(
         config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size or None
     )
@@ -241,20 +418,6 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> tuple[Trai
     update_batch = config.batch_size * config.grad_accum  # examples per optimizer update
     steps_per_epoch = data.pipeline.steps_per_epoch(len(dataset.train), update_batch)
     model = create_model(config, dataset.num_classes)
-
-    metrics_path = os.path.join(workdir, METRICS_FILE)
-    if leader:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            run = {
-                "augment": augment,
-                "devices": num_devices,
-                "processes": jax.process_count(),
-                "jax": jax.__version__,
-                "dataset": dataset.describe(),
-            }
-            json.dump({"config": config.to_dict(), **run}, f, indent=2)
-
     schedule = learning_rate_schedule(config.lr_schedule, config.learning_rate, config.epochs * steps_per_epoch)
     state = create_train_state(
         jax.random.key(config.seed),
@@ -263,75 +426,218 @@ def train_and_evaluate(config: Config, workdir: str, devices=None) -> tuple[Trai
         schedule,
         loss_scaling=precision.needs_loss_scaling(config.dtype),
     )
-    state = parallel.replicate(state, devices)
-    step = functools.partial(train_step, dtype=dtype, microbatches=config.grad_accum)
-    p_train_step = parallel.wrap_step(step, devices, config.parallel, donate_state=True)
-    p_eval_step = parallel.wrap_step(functools.partial(eval_step, dtype=dtype), devices, config.parallel)
 
-    history = []
-    for epoch in range(1, config.epochs + 1):
-        batches = data.pipeline.train_batches(
-            dataset,
-            update_batch,
-            seed=config.seed,
-            epoch=epoch,
-            augment=augment,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        start = time.perf_counter()
-        step_metrics = []
-        with tqdm(
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{config.epochs}",
-            unit="step",
-            leave=False,
-            disable=None if leader else True,
-        ) as bar:
-            for batch in parallel.to_devices(batches, devices, kind=config.parallel):
-                state, metrics = p_train_step(state, batch)
-                step_metrics.append(metrics)
-                bar.update()
-            step_metrics = jax.device_get(step_metrics)  # waits for the last step
-        seconds = time.perf_counter() - start
-
-        train = {k: float(np.mean([m[k] for m in step_metrics])) for k in step_metrics[0]}
-        if not math.isfinite(train["loss"]):
-            raise TrainingDiverged(
-                f"the training loss is {train['loss']} in epoch {epoch}: training diverged. "
-                f"Lower --learning-rate (now {config.learning_rate}); the epochs before this one "
-                f"are recorded in {metrics_path}."
+    checkpoints = checkpoint.Checkpoints(workdir, asynchronous=asynchronous_checkpoints)
+    restored = checkpoints.restore(state)
+    for note in checkpoints.set_aside:
+        say(f"attnjax: {note}", file=sys.stderr, flush=True)
+    metrics_path = os.path.join(workdir, METRICS_FILE)
+    progress = Progress(workdir, enabled=leader)
+    if restored is None:
+        if _metrics_lines(workdir):
+            raise InputError(
+                f"{metrics_path} already exists from an earlier run whose checkpoints are gone; attnjax does not "
+                "overwrite results. Pass a new --workdir (or move that run away)."
             )
-        test = evaluate(p_eval_step, state, dataset, config.batch_size, devices, kind=config.parallel)
+        epoch, batch, history, done, carried_seconds, best = 1, 0, [], {k: [] for k in RECORDED_METRICS}, 0.0, None
+    else:
+        state, record = restored
+        epoch, batch, history = record["epoch"], record["batch"], record["history"]
+        done, carried_seconds = record["epoch_metrics"], record["epoch_seconds"]
+        best = record["best_test_accuracy"]
+        reached, lost, moved = progress.last_step(), "", ""
+        if reached is not None:
+            lost = f"; the interrupted run had reached step {reached}: {max(reached - record['step'], 0)} steps lost"
+        if record["devices"] != num_devices:
+            moved = f"; written on {record['devices']} devices, continuing on {num_devices} (equal to rounding)"
+        if epoch > config.epochs:
+            say(f"attnjax: this run had already finished; its results are in {metrics_path}", flush=True)
+        else:
+            say(
+                f"attnjax: resumed from {checkpoints.path(record['step'])} (step {record['step']}, epoch "
+                f"{min(epoch, config.epochs)}, batch {batch} of {steps_per_epoch}, saved {record['reason']}){lost}{moved}",
+                flush=True,
+            )
+        if leader:  # the metrics of the finished epochs are the checkpoint's, whatever the file had gained since
+            write_file_atomically(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+    if leader:
+        run = {
+            "augment": augment,
+            "devices": num_devices,
+            "processes": jax.process_count(),
+            "jax": jax.__version__,
+            "dataset": dataset.describe(),
+        }
+        text = json.dumps({"config": config.to_dict(), **run}, indent=2)
+        write_file_atomically(os.path.join(workdir, CONFIG_FILE), text)
+
+    state = parallel.replicate(state, devices)
+    step_fn = functools.partial(train_step, dtype=dtype, microbatches=config.grad_accum)
+    p_train_step = parallel.wrap_step(step_fn, devices, config.parallel, donate_state=True)
+    p_eval_step = parallel.wrap_step(functools.partial(eval_step, dtype=dtype), devices, config.parallel)
+    global_step = (epoch - 1) * steps_per_epoch + batch
+    last_good = restored[1]["step"] if restored else None
+    preemption = preemption if preemption is not None else Preemption()
+    tick = 0  # steps and evaluation batches run by this process: the preemption sync point's clock
+    last_save = time.monotonic()
+
+    def save(reason: str, test_accuracy=None, wait=False):
+        nonlocal last_save, last_good
         record = {
             "epoch": epoch,
-            "train_loss": train["loss"],
-            "train_accuracy": train["accuracy"],
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            "test_correct": test["correct"],
-            "test_examples": test["count"],
-            "images_per_second": steps_per_epoch * update_batch / seconds,
-            "epoch_seconds": seconds,
+            "batch": batch,
+            "reason": reason,
+            "history": history,
+            "epoch_metrics": done,
+            "epoch_seconds": carried_seconds,
+            "best_test_accuracy": best,
+            "steps_per_epoch": steps_per_epoch,
+            "config": config.to_dict(),
+            "versions": versions(),
+            "devices": num_devices,
+            "processes": jax.process_count(),
         }
-        history.append(record)
-        if not leader:
-            continue
-        # Variables first: a metrics line then always has the model it describes beside it.
-        checkpoint.save_variables(workdir, state.variables())
-        write_json_line(metrics_path, record)
-        print(
-            f"epoch {epoch:>3}/{config.epochs}  train loss {record['train_loss']:.4f} acc {record['train_accuracy']:.4f}  "
-            f"test loss {record['test_loss']:.4f} acc {record['test_accuracy']:.4f}  "
-            f"{record['images_per_second']:,.0f} img/s",
-            flush=True,
+        checkpoints.save(global_step, state, record, test_accuracy=test_accuracy, wait=wait)
+        last_save, last_good = time.monotonic(), global_step
+
+    def time_to_save() -> bool:
+        minutes = config.checkpoint_every_minutes
+        if config.checkpoint_every_steps and global_step % config.checkpoint_every_steps == 0:
+            return True
+        if not minutes:
+            return False
+        due = time.monotonic() - last_save >= minutes * 60
+        if jax.process_count() == 1:
+            return due
+        if tick % 10:
+            return False  # processes agree on time only every 10 steps: process 0's clock decides
+        from jax.experimental import multihost_utils
+
+        return bool(multihost_utils.broadcast_one_to_all(np.asarray(due)))
+
+    def stop_here(where: str):
+        save("on " + preemption.signal_name, wait=True)
+        raise Interrupted(
+            f"{preemption.signal_name} {where}: saved {checkpoints.path(global_step)} (step {global_step}, epoch "
+            f"{epoch}, batch {batch} of {steps_per_epoch}). Rerun the same command to continue."
         )
-    if history and leader:
-        last = history[-1]
-        print(
-            f"final test accuracy: {last['test_accuracy']:.4f} ({last['test_correct']}/{last['test_examples']})",
-            flush=True,
+
+    def diverged(step: int):
+        good = "none (no checkpoint yet)" if last_good is None else f"{checkpoints.path(last_good)} (step {last_good})"
+        raise TrainingDiverged(
+            f"training diverged at step {step} (epoch {epoch}): the loss or a gradient is not finite. "
+            f"The last good checkpoint is {good}; nothing after it was saved. Lower --learning-rate "
+            f"(now {config.learning_rate}) and pass a new --workdir; the epochs before this one are in {metrics_path}."
         )
+
+    pending = []  # device metrics of the steps not yet in ``done``
+
+    def collect():
+        """Move ``pending`` into ``done`` (waiting for the last step); raise at a non-finite step."""
+        first = global_step - len(pending) + 1
+        for i, metrics in enumerate(jax.device_get(pending)):
+            if not metrics["finite"]:
+                diverged(first + i)
+            for k in RECORDED_METRICS:
+                done[k].append(float(metrics[k]))
+        pending.clear()
+
+    def evaluation_stop() -> bool:
+        nonlocal tick
+        tick += 1
+        return preemption.requested(tick)
+
+    try:
+        with preemption:
+            while epoch <= config.epochs:
+                start = time.perf_counter()
+                if batch < steps_per_epoch:
+                    batches = data.pipeline.train_batches(
+                        dataset,
+                        update_batch,
+                        seed=config.seed,
+                        epoch=epoch,
+                        augment=augment,
+                        process_index=jax.process_index(),
+                        process_count=jax.process_count(),
+                        start=batch,
+                    )
+                    with tqdm(
+                        total=steps_per_epoch,
+                        initial=batch,
+                        desc=f"epoch {epoch}/{config.epochs}",
+                        unit="step",
+                        leave=False,
+                        disable=None if leader else True,
+                    ) as bar:
+                        for device_batch in parallel.to_devices(batches, devices, kind=config.parallel):
+                            state, metrics = p_train_step(state, device_batch)
+                            pending.append(metrics)
+                            global_step, batch, tick = global_step + 1, batch + 1, tick + 1
+                            progress.update(global_step)
+                            bar.update()
+                            if len(pending) > GUARD_LAG and not pending[-1 - GUARD_LAG]["finite"]:
+                                diverged(global_step - GUARD_LAG)
+                            if preemption.requested(tick):
+                                carried_seconds += time.perf_counter() - start
+                                collect()
+                                stop_here(f"during epoch {epoch}")
+                            # An epoch's last step is saved after its evaluation, with the results.
+                            if batch < steps_per_epoch and time_to_save():
+                                seconds = time.perf_counter() - start
+                                carried_seconds, start = carried_seconds + seconds, time.perf_counter()
+                                collect()
+                                save("on schedule")
+                collect()
+                seconds = carried_seconds + time.perf_counter() - start
+                test = evaluate(
+                    p_eval_step, state, dataset, config.batch_size, devices, kind=config.parallel, stop=evaluation_stop
+                )
+                if test is None:
+                    carried_seconds = seconds
+                    stop_here(f"during the evaluation of epoch {epoch}")
+                train = epoch_means(done)
+                record = {
+                    "epoch": epoch,
+                    "train_loss": train["loss"],
+                    "train_accuracy": train["accuracy"],
+                    "test_loss": test["loss"],
+                    "test_accuracy": test["accuracy"],
+                    "test_correct": test["correct"],
+                    "test_examples": test["count"],
+                    "images_per_second": steps_per_epoch * update_batch / seconds,
+                    "epoch_seconds": seconds,
+                }
+                history.append(record)
+                best = test["accuracy"] if best is None else max(best, test["accuracy"])
+                epoch, batch, done, carried_seconds = epoch + 1, 0, {k: [] for k in RECORDED_METRICS}, 0.0
+                save("at the end of an epoch", test_accuracy=test["accuracy"])
+                if leader:
+                    # Variables first: a metrics line then always has the model it describes beside it.
+                    checkpoint.save_variables(workdir, state.variables())
+                    write_json_line(metrics_path, record)
+                say(
+                    f"epoch {record['epoch']:>3}/{config.epochs}  train loss {record['train_loss']:.4f} "
+                    f"acc {record['train_accuracy']:.4f}  test loss {record['test_loss']:.4f} "
+                    f"acc {record['test_accuracy']:.4f}  {record['images_per_second']:,.0f} img/s",
+                    flush=True,
+                )
+    except BaseException:
+        progress.close()
+        try:
+            checkpoints.close()  # the last asynchronous save is kept even when training stops on an error
+        except CheckpointError as error:
+            say(f"attnjax: {error}", file=sys.stderr, flush=True)
+        raise
+    progress.close()
+    checkpoints.close()  # waits for the last asynchronous save; raises if it failed
+    if not history:
+        raise AssertionError("training ended without an epoch")  # unreachable: check_config requires epochs >= 1
+    last = history[-1]
+    say(
+        f"final test accuracy: {last['test_accuracy']:.4f} ({last['test_correct']}/{last['test_examples']})", flush=True
+    )
     return state, history
 
 

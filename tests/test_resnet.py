@@ -116,7 +116,7 @@ def test_models_create_passes_the_block_and_options():
     net = models.create("resnet34", num_classes=5, stem="imagenet", zero_init_residual=True)
     assert isinstance(net, ResNet34) and net.block is None and net.stem == "imagenet" and net.zero_init_residual
     assert {"resnet18", "resnet34"} <= set(models.names())
-    config, _ = parse_args(["--model", "resnet34", "--block", "none", "--workdir", "unused"])
+    config, _, _ = parse_args(["--model", "resnet34", "--block", "none", "--workdir", "unused"])
     assert config.model == "resnet34"
 
 

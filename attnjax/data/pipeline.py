@@ -70,10 +70,14 @@ def train_batches(
     process_index: int = 0,
     process_count: int = 1,
     num_threads: int = NUM_THREADS,
+    start: int = 0,
 ) -> grain.IterDataset:
     """One epoch of this process's share of the global training batches, as numpy dicts.
 
     Each element is ``{"image": (batch_size / process_count, H, W, C) float32, "label": int32}``.
+    ``start`` skips the epoch's first batches without loading them: batch k is the same
+    whatever ``start`` is (its augmentation is seeded by its index), so a run resumed
+    mid-epoch sees exactly the batches it would have seen.
     """
     n = len(dataset.train)
     steps = steps_per_epoch(n, batch_size)
@@ -85,7 +89,7 @@ def train_batches(
         functools.partial(_augment_and_normalize, mode=augment, mean=dataset.mean, std=dataset.std),
         seed=seed_for(seed, epoch, 1, process_index),
     )
-    return _iterate(ds, num_threads)
+    return _iterate(ds[start:], num_threads)
 
 
 def num_eval_batches(num_examples: int, batch_size: int, process_count: int = 1) -> int:
