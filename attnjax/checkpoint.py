@@ -126,7 +126,9 @@ def first_non_finite(tree) -> str | None:
 def describe_mismatch(saved, expected) -> str | None:
     """The first leaf whose path, shape or dtype differs between two trees of arrays (or array metadata)."""
     saved_leaves, expected_leaves = dict(_leaves(saved)), dict(_leaves(expected))
-    for path, want in expected_leaves.items():
+    # Parameters first: the difference a user recognises (the optimizer state mirrors them).
+    for path in sorted(expected_leaves, key=lambda p: not p.startswith("['params']")):
+        want = expected_leaves[path]
         if path not in saved_leaves:
             return f"{path} is missing from the checkpoint"
         got = saved_leaves[path]
@@ -256,8 +258,16 @@ class Checkpoints:
         self._pending = None
 
     def close(self) -> None:
-        self.wait()
-        self.manager.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    def __enter__(self) -> "Checkpoints":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def restore(self, template) -> tuple[object, dict] | None:
         """The newest committed checkpoint that is intact, as ``(state, record)``; ``None`` if there is none.

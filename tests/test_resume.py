@@ -153,7 +153,9 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(devices, tm
         train_and_evaluate(config, str(tmp_path), devices=devices, preemption=SignalAt(20))
     steps = sorted(int(n) for n in os.listdir(tmp_path / checkpoint.CHECKPOINTS_DIR) if n.isdigit())
     assert steps == [11, 16, 17]  # the latest two and the best (the only epoch end)
-    largest = max((p for p in (tmp_path / "checkpoints" / "17" / "state").rglob("*") if p.is_file()), key=os.path.getsize)
+    largest = max(
+        (p for p in (tmp_path / "checkpoints" / "17" / "state").rglob("*") if p.is_file()), key=os.path.getsize
+    )
     data = bytearray(largest.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 8] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 8])
     largest.write_bytes(bytes(data))
@@ -167,11 +169,14 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_previous_one_used(devices, tm
 
 def test_the_nan_guard_stops_at_the_first_non_finite_step_and_keeps_a_finite_checkpoint(tmp_path):
     config = Config(epochs=1, learning_rate=1e30, checkpoint_every_steps=1)
-    with pytest.raises(TrainingDiverged, match=r"training diverged at step (\d+).*last good checkpoint is .*step") as info:
+    with pytest.raises(
+        TrainingDiverged, match=r"training diverged at step (\d+).*last good checkpoint is .*step"
+    ) as info:
         train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     message = str(info.value)
     bad_step = int(message.split("at step ")[1].split(" ")[0])
     good = latest_step(tmp_path)
     assert 1 <= good < bad_step and f"checkpoints/{good} (step {good})" in message
-    restored = checkpoint.Checkpoints(str(tmp_path)).manager.restore(good)
+    with checkpoint.Checkpoints(str(tmp_path)) as reader:
+        restored = reader.manager.restore(good)
     assert checkpoint.first_non_finite(dict(restored["state"])) is None
