@@ -70,7 +70,7 @@ def test_digits_split_is_fixed_and_disjoint():
 
 def test_diverging_loss_stops_with_a_clear_error_and_keeps_earlier_epochs(tmp_path):
     config = Config(epochs=3, learning_rate=1e9)
-    with pytest.raises(TrainingDiverged, match=r"training diverged. Lower --learning-rate"):
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+ .*Lower --learning-rate"):
         train_and_evaluate(config, str(tmp_path), devices=jax.devices()[:1])
     assert (tmp_path / "config.json").exists()
 
