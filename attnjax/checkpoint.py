@@ -199,12 +199,12 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def _set_aside_uncommitted(self) -> None:
-        if not os.path.isdir(self.directory):
-            return
-        for name in sorted(os.listdir(self.directory)):
+        names = sorted(os.listdir(self.directory)) if os.path.isdir(self.directory) else []
+        for name in names:
             folder = os.path.join(self.directory, name)
             if name.isdigit() and os.path.isdir(folder) and not os.path.exists(os.path.join(folder, COMMIT_MARKER)):
                 self._move_aside(int(name), f"it has no {COMMIT_MARKER} (a save that did not finish)")
+        # Every process passes here, whatever it found: the barrier keeps them in step with Orbax's own.
         _sync("attnjax:checkpoints-scanned")
 
     def _move_aside(self, step: int, reason: str) -> None:

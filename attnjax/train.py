@@ -249,13 +249,13 @@ def check_config(config: Config) -> None:
         refuse("checkpoint_every_steps", config.checkpoint_every_steps, "use 0 (off) or a number of steps")
     if not (math.isfinite(config.checkpoint_every_minutes) and config.checkpoint_every_minutes >= 0):
         refuse("checkpoint_every_minutes", config.checkpoint_every_minutes, "use 0 (off) or a number of minutes")
+    precision.compute_dtype(config.dtype)
+    parallel.check_kind(config.parallel)
     names = {
         "model": models.names(),
         "block": models.block_names(),
         "lr_schedule": list(SCHEDULES),
         "augment": list(data.augment.CHOICES),
-        "dtype": list(precision.DTYPES),
-        "parallel": list(parallel.KINDS),
     }
     for name, valid in names.items():
         if getattr(config, name) not in valid:
@@ -309,19 +309,48 @@ def check_workdir(config: Config, workdir: str, resume: bool = True) -> None:
             f"{os.path.join(workdir, METRICS_FILE)} already exists from an earlier run that left no checkpoint to "
             "continue from; attnjax does not overwrite results. Pass a new --workdir (or move that run away)."
         )
-    if jax.process_index() != 0:
-        return
-    probe = os.path.join(workdir, f".attnjax-write-test-{os.getpid()}")
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as error:
+    if jax.process_index() == 0:
+        probe = os.path.join(workdir, f".attnjax-write-test-{os.getpid()}")
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as error:
+            raise InputError(
+                f"--workdir {workdir} cannot be created or written ({error.strerror or error}): "
+                "pass a folder you can write to."
+            ) from None
+    if jax.process_count() > 1:
+        check_workdir_is_shared(workdir)
+
+
+SHARED_MARKER = ".attnjax-shared-check"
+
+
+def check_workdir_is_shared(workdir: str) -> None:
+    """Several processes must see one workdir: every process reads the checkpoints when a run resumes.
+
+    Process 0 writes a marker; every process says whether it sees it; all fail together if one does not.
+    """
+    from jax.experimental import multihost_utils
+
+    marker = os.path.join(workdir, SHARED_MARKER)
+    if jax.process_index() == 0:
+        with open(marker, "w") as f:
+            f.write("written by process 0")
+    multihost_utils.sync_global_devices("attnjax:shared-marker-written")
+    seen = multihost_utils.process_allgather(np.asarray(os.path.exists(marker), np.int32))
+    multihost_utils.sync_global_devices("attnjax:shared-marker-read")
+    if jax.process_index() == 0:
+        os.remove(marker)
+    missing = [int(p) for p in np.flatnonzero(np.asarray(seen) == 0)]
+    if missing:
         raise InputError(
-            f"--workdir {workdir} cannot be created or written ({error.strerror or error}): "
-            "pass a folder you can write to."
-        ) from None
+            f"--workdir {workdir} is not shared by all processes: process(es) {missing} cannot see what process 0 "
+            "writes there. A multi-host run keeps its checkpoints where every host reads them: put the workdir on a "
+            "file system all hosts mount at the same path (NFS/Filestore, or a bucket through Cloud Storage FUSE)."
+        )
 
 
 def write_json_line(path: str, record: dict) -> None:
@@ -391,7 +420,7 @@ def train_and_evaluate(
     preemption: Preemption | None = None,
     asynchronous_checkpoints: bool = True,
 ) -> tuple[TrainState, list[dict]]:
-    """Train ``config.model`` on ``config.dataset``, evaluating after every epoch; continue ``workdir``'s run if it has one.
+    """Train ``config.model`` on ``config.dataset``, evaluating every epoch; continue a run found in ``workdir``.
 
     Writes ``config.json``, one line per epoch to ``metrics.jsonl``, the model's variables to
     ``variables.msgpack`` after every epoch, and full-state checkpoints (:mod:`attnjax.checkpoint`)
@@ -440,6 +469,11 @@ def train_and_evaluate(
                 "overwrite results. Pass a new --workdir (or move that run away)."
             )
         epoch, batch, history, done, carried_seconds, best = 1, 0, [], {k: [] for k in RECORDED_METRICS}, 0.0, None
+        reached = progress.last_step()
+        if reached:
+            say(
+                f"attnjax: no checkpoint yet in {workdir}; the interrupted run had reached step {reached}: starting over"
+            )
     else:
         state, record = restored
         epoch, batch, history = record["epoch"], record["batch"], record["history"]
@@ -454,8 +488,8 @@ def train_and_evaluate(
             say(f"attnjax: this run had already finished; its results are in {metrics_path}", flush=True)
         else:
             say(
-                f"attnjax: resumed from {checkpoints.path(record['step'])} (step {record['step']}, epoch "
-                f"{min(epoch, config.epochs)}, batch {batch} of {steps_per_epoch}, saved {record['reason']}){lost}{moved}",
+                f"attnjax: resumed from {checkpoints.path(record['step'])} (step {record['step']}, epoch {epoch}, "
+                f"batch {batch} of {steps_per_epoch}, saved {record['reason']}){lost}{moved}",
                 flush=True,
             )
         if leader:  # the metrics of the finished epochs are the checkpoint's, whatever the file had gained since

@@ -1,4 +1,4 @@
-"""Checkpoints that can be trusted: retention, failed saves, damaged and foreign checkpoints (real Orbax, real files)."""
+"""Checkpoints that can be trusted: retention, failed saves, damaged and foreign checkpoints (real Orbax, files)."""
 
 import os
 import resource

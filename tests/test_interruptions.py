@@ -158,3 +158,16 @@ def test_two_processes_sigterm_to_one_both_save_the_same_step_and_the_rerun_resu
         assert code == 0, err[-3000:]
     assert f"resumed from {tmp_path}/checkpoints/{steps[0]} (step {steps[0]}" in results[0][1]
     assert [r["epoch"] for r in metrics(tmp_path)] == [1]
+
+
+def test_two_processes_refuse_a_workdir_they_do_not_share(tmp_path):
+    """Each host's own disk: process 1 would resume from nothing. Both stop at once with the fix."""
+    env = environment(2, x64=False)
+    port = free_port()
+    extra = ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--epochs", "1"]
+    procs = [start(command(tmp_path / f"host{i}", *extra, "--process-id", str(i)), env) for i in range(2)]
+    results = [finish(p) for p in procs]
+    for code, _, err in results:
+        assert code == 2, err[-3000:]
+        assert "is not shared by all processes: process(es) [1] cannot see" in err and "Traceback" not in err
+    assert not (tmp_path / "host0" / "checkpoints").exists()

@@ -11,7 +11,10 @@ import copy
 import json
 import os
 import re
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import nbclient
@@ -131,3 +134,44 @@ def test_notebook_finds_a_prepared_tfds_dataset(kernel, tmp_path, tfds_data_dir)
     ).execute()
     assert "fashion_mnist prepared in" in stdout(nb.cells[-1])
     assert "train 60,000, test 10,000" in stdout(nb.cells[-1])
+
+
+def test_interrupting_the_training_cell_and_running_it_again_continues_the_run(kernel, tmp_path, devices):
+    """The Colab recipe: the interrupt button (SIGINT to the kernel) saves; the same cell again continues."""
+    workdir = tmp_path / "run"
+    nb = with_parameters(load_notebook(), INSTALL=False, DATASET="digits", EPOCHS=1, BATCH_SIZE=8, WORKDIR=str(workdir))
+    train_index = nb.cells.index(tagged(nb, "train"))
+    client = nbclient.NotebookClient(
+        nb, kernel_name=kernel, timeout=CELL_TIMEOUT_S, resources={"metadata": {"path": str(tmp_path)}}
+    )
+
+    def interrupt_at_step(pid, step):
+        progress = workdir / "progress"
+        deadline = time.monotonic() + CELL_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                if int(progress.read_text().strip() or 0) >= step:
+                    os.kill(pid, signal.SIGINT)  # what Jupyter's interrupt does to a local kernel
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+
+    cell = nb.cells[train_index]
+    with client.setup_kernel():
+        for index in range(train_index):
+            client.execute_cell(nb.cells[index], index)
+        interrupter = threading.Thread(target=interrupt_at_step, args=(client.km.provisioner.pid, 20))
+        interrupter.start()
+        with pytest.raises(nbclient.exceptions.CellExecutionError, match="Rerun the same command to continue"):
+            client.execute_cell(cell, train_index)
+        interrupter.join()
+        assert outputs(cell, "error")[0].ename == "SystemExit"
+        saved = sorted(int(n) for n in os.listdir(workdir / "checkpoints") if n.isdigit())
+        assert saved and 20 <= saved[-1] < 179
+        cell.outputs = []
+        client.execute_cell(cell, train_index)  # run the same cell again
+    out = stdout(cell)
+    assert f"resumed from {workdir}/checkpoints/{saved[-1]} (step {saved[-1]}, epoch 1" in out
+    assert "final test accuracy" in out and not outputs(cell, "error")
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1

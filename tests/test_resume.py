@@ -15,8 +15,8 @@ evaluate it, 15-25 train epoch 2.
 import dataclasses
 import json
 import os
-import signal
 import shutil
+import signal
 
 import jax
 import numpy as np

@@ -84,7 +84,7 @@ def test_grad_accum_from_the_cli_trains_on_the_larger_batch(tmp_path):
     big, acc = final(tmp_path / "big"), final(tmp_path / "acc")
     assert acc["test_correct"] == big["test_correct"]
     assert acc["train_loss"] == pytest.approx(big["train_loss"], rel=1e-4)
-    with pytest.raises(InputError, match="grad-accum must be at least 1"):
+    with pytest.raises(InputError, match="--grad-accum 0 is invalid: use a whole number of at least 1"):
         train_and_evaluate(dataclasses.replace(base, grad_accum=0), str(tmp_path / "bad"))
 
 
