@@ -472,7 +472,8 @@ def train_and_evaluate(
         reached = progress.last_step()
         if reached:
             say(
-                f"attnjax: no checkpoint yet in {workdir}; the interrupted run had reached step {reached}: starting over"
+                f"attnjax: no checkpoint yet in {workdir}; the interrupted run had reached step {reached}: "
+                "starting over"
             )
     else:
         state, record = restored

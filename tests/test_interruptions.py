@@ -147,14 +147,14 @@ def test_two_processes_sigterm_to_one_both_save_the_same_step_and_the_rerun_resu
             if p.poll() is None:
                 p.kill()
     steps = []
-    for code, out, err in results:
+    for code, _, err in results:
         assert code == EXIT_INTERRUPTED, err[-3000:]
         steps.append(int(err.split("checkpoints/")[1].split(" ")[0]))
     assert steps[0] == steps[1] and (tmp_path / "checkpoints" / str(steps[0]) / checkpoint.COMMIT_MARKER).exists()
 
     procs = launch()
     results = [finish(p) for p in procs]
-    for code, out, err in results:
+    for code, _, err in results:
         assert code == 0, err[-3000:]
     assert f"resumed from {tmp_path}/checkpoints/{steps[0]} (step {steps[0]}" in results[0][1]
     assert [r["epoch"] for r in metrics(tmp_path)] == [1]
