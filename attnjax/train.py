@@ -456,18 +456,22 @@ def train_and_evaluate(
         loss_scaling=precision.needs_loss_scaling(config.dtype),
     )
 
-    checkpoints = checkpoint.Checkpoints(workdir, asynchronous=asynchronous_checkpoints)
-    restored = checkpoints.restore(state)
-    for note in checkpoints.set_aside:
-        say(f"attnjax: {note}", file=sys.stderr, flush=True)
     metrics_path = os.path.join(workdir, METRICS_FILE)
-    progress = Progress(workdir, enabled=leader)
-    if restored is None:
-        if _metrics_lines(workdir):
+    checkpoints = checkpoint.Checkpoints(workdir, asynchronous=asynchronous_checkpoints)
+    try:
+        restored = checkpoints.restore(state)
+        if restored is None and _metrics_lines(workdir):
             raise InputError(
                 f"{metrics_path} already exists from an earlier run whose checkpoints are gone; attnjax does not "
                 "overwrite results. Pass a new --workdir (or move that run away)."
             )
+    except BaseException:
+        checkpoints.close()
+        raise
+    for note in checkpoints.set_aside:
+        say(f"attnjax: {note}", file=sys.stderr, flush=True)
+    progress = Progress(workdir, enabled=leader)
+    if restored is None:
         epoch, batch, history, done, carried_seconds, best = 1, 0, [], {k: [] for k in RECORDED_METRICS}, 0.0, None
         reached = progress.last_step()
         if reached:
@@ -516,6 +520,7 @@ def train_and_evaluate(
     preemption = preemption if preemption is not None else Preemption()
     tick = 0  # steps and evaluation batches run by this process: the preemption sync point's clock
     last_save = time.monotonic()
+    run_versions = versions()
 
     def save(reason: str, test_accuracy=None, wait=False):
         nonlocal last_save, last_good
@@ -529,7 +534,7 @@ def train_and_evaluate(
             "best_test_accuracy": best,
             "steps_per_epoch": steps_per_epoch,
             "config": config.to_dict(),
-            "versions": versions(),
+            "versions": run_versions,
             "devices": num_devices,
             "processes": jax.process_count(),
         }

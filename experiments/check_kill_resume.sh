@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The issue's "done when", as a user would check it: train once undisturbed, then train the same
+# command again in another workdir while killing it with kill -9 at three random moments and
+# rerunning it each time; the two runs must end with the same metrics (timing aside) and the
+# same final checkpoint, bit for bit.
+#
+#   experiments/check_kill_resume.sh OUT --dataset fashion_mnist --data-dir DIR --epochs 4
+set -euo pipefail
+out=$1; shift
+python=${PYTHON:-python}
+mkdir -p "$out"
+start=$(date +%s)
+$python -m attnjax.train "$@" --workdir "$out/reference" > "$out/reference.log" 2>&1
+duration=$(( $(date +%s) - start ))
+echo "uninterrupted: ${duration} s"
+for kill in 1 2 3; do
+  delay=$(( 20 + RANDOM % (duration * 7 / 10) ))  # seconds into this attempt: it resumes, so it gets further
+  $python -m attnjax.train "$@" --workdir "$out/killed" >> "$out/killed.log" 2>&1 &
+  pid=$!
+  sleep "$delay"
+  kill -9 "$pid" 2>/dev/null && echo "kill -9 number $kill after ${delay} s" || echo "run $kill ended before ${delay} s"
+  wait "$pid" || true
+done
+$python -m attnjax.train "$@" --workdir "$out/killed" >> "$out/killed.log" 2>&1
+grep "resumed from\|no checkpoint yet" "$out/killed.log" || true
+$python - "$out" <<'PY'
+import json, sys
+from pathlib import Path
+import numpy as np
+from attnjax import checkpoint
+out = Path(sys.argv[1])
+timing = ("images_per_second", "epoch_seconds")
+def metrics(run):
+    return [{k: v for k, v in json.loads(l).items() if k not in timing} for l in (out / run / "metrics.jsonl").read_text().splitlines()]
+def arrays(run):
+    folder = out / run / "checkpoints"
+    step = max(int(n) for n in __import__("os").listdir(folder) if n.isdigit())
+    with checkpoint.Checkpoints(str(out / run)) as reader:
+        return step, dict(reader.manager.restore(step)["state"])
+same_metrics = metrics("reference") == metrics("killed")
+(s1, a), (s2, b) = arrays("reference"), arrays("killed")
+leaves_a, leaves_b = checkpoint._leaves(a), checkpoint._leaves(b)
+same_arrays = s1 == s2 and all(np.array_equal(x, y) for (_, x), (_, y) in zip(leaves_a, leaves_b, strict=True))
+print(f"final test accuracy: {metrics('reference')[-1]['test_accuracy']} vs {metrics('killed')[-1]['test_accuracy']}")
+print(f"metrics.jsonl equal (timing aside): {same_metrics}; final checkpoint step {s1} vs {s2}, "
+      f"{len(leaves_a)} arrays equal bit for bit: {same_arrays}")
+sys.exit(0 if same_metrics and same_arrays else 1)
+PY
