@@ -9,17 +9,21 @@ set -euo pipefail
 out=$1; shift
 python=${PYTHON:-python}
 mkdir -p "$out"
-start=$(date +%s)
 $python -m attnjax.train "$@" --workdir "$out/reference" > "$out/reference.log" 2>&1
-duration=$(( $(date +%s) - start ))
-echo "uninterrupted: ${duration} s"
-for kill in 1 2 3; do
-  delay=$(( 20 + RANDOM % (duration * 7 / 10) ))  # seconds into this attempt: it resumes, so it gets further
+step_of() { local v; v=$(tr -d ' \n' < "$1" 2>/dev/null) || true; echo "${v:-0}"; }
+total=$(step_of "$out/reference/progress")
+echo "uninterrupted: $total steps"
+# Three random moments spread over the run: after a random step (from the run's progress file),
+# plus up to a second, so that a kill can land inside a step, a save or an evaluation.
+for target in $(shuf -i 1-$(( total - 1 )) -n 3 | sort -n); do
   $python -m attnjax.train "$@" --workdir "$out/killed" >> "$out/killed.log" 2>&1 &
   pid=$!
-  sleep "$delay"
-  kill -9 "$pid" 2>/dev/null && echo "kill -9 number $kill after ${delay} s" || echo "run $kill ended before ${delay} s"
-  wait "$pid" || true
+  while kill -0 "$pid" 2>/dev/null && [ "$(step_of "$out/killed/progress")" -lt "$target" ]; do
+    sleep 0.2
+  done
+  sleep "0.$(( RANDOM % 10 ))"
+  kill -9 "$pid" 2>/dev/null && echo "kill -9 after step $target" || echo "the run ended before step $target"
+  wait "$pid" 2>/dev/null || true
 done
 $python -m attnjax.train "$@" --workdir "$out/killed" >> "$out/killed.log" 2>&1
 grep "resumed from\|no checkpoint yet" "$out/killed.log" || true
