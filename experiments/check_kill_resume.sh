@@ -4,18 +4,19 @@
 # rerunning it each time; the two runs must end with the same metrics (timing aside) and the
 # same final checkpoint, bit for bit.
 #
-#   experiments/check_kill_resume.sh OUT --dataset fashion_mnist --data-dir DIR --epochs 4
+#   experiments/check_kill_resume.sh OUT --dataset fashion_mnist --data-dir DIR --epochs 4 --checkpoint-every-steps 100
 set -euo pipefail
 out=$1; shift
 python=${PYTHON:-python}
 mkdir -p "$out"
 $python -m attnjax.train "$@" --workdir "$out/reference" > "$out/reference.log" 2>&1
-step_of() { local v; v=$(tr -d ' \n' < "$1" 2>/dev/null) || true; echo "${v:-0}"; }
+step_of() { local v; v=$( { tr -d ' \n' < "$1"; } 2>/dev/null ) || true; echo "${v:-0}"; }
 total=$(step_of "$out/reference/progress")
 echo "uninterrupted: $total steps"
-# Three random moments spread over the run: after a random step (from the run's progress file),
-# plus up to a second, so that a kill can land inside a step, a save or an evaluation.
-for target in $(shuf -i 1-$(( total - 1 )) -n 3 | sort -n); do
+# Three random moments, one in each third of the run: after a random step (read from the run's
+# progress file), plus up to a second, so that a kill can land inside a step, a save or an evaluation.
+for third in 0 1 2; do
+  target=$(shuf -i $(( third * total / 3 + 1 ))-$(( (third + 1) * total / 3 - 1 )) -n 1)
   $python -m attnjax.train "$@" --workdir "$out/killed" >> "$out/killed.log" 2>&1 &
   pid=$!
   while kill -0 "$pid" 2>/dev/null && [ "$(step_of "$out/killed/progress")" -lt "$target" ]; do
