@@ -154,3 +154,16 @@ def test_dynamic_loss_scale_grows_after_a_period_of_finite_steps():
 def test_unknown_scale_options_list_the_valid_ones(tmp_path, options, message):
     with pytest.raises(InputError, match=message):
         train_and_evaluate(Config(**options), str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    "bad, expected",
+    [(None, True), (np.nan, False), (np.inf, False), (-np.inf, False), ("inf-and-minus-inf", False)],
+)
+def test_all_finite_finds_one_bad_element_among_millions(bad, expected):
+    tree = {"big": np.full((2048, 1024), 0.5, np.float32), "small": np.ones(3, np.float32)}
+    if bad == "inf-and-minus-inf":  # the two would cancel in a naive sum of magnitudes: they make NaN
+        tree["big"][7, 9], tree["small"][1] = np.inf, -np.inf
+    elif bad is not None:
+        tree["big"][1234, 567] = bad
+    assert bool(jax.jit(precision.all_finite)(tree)) is expected
