@@ -59,11 +59,16 @@ def save_variables(workdir: str, variables: dict) -> str:
     """
     path = os.path.join(workdir, VARIABLES_FILE)
     host = jax.tree.map(np.asarray, jax.device_get(variables))
-    partial = path + ".partial"
-    with open(partial, "wb") as f:
-        f.write(serialization.msgpack_serialize(serialization.to_state_dict(host)))
-    os.replace(partial, path)
+    write_atomically(path, serialization.msgpack_serialize(serialization.to_state_dict(host)))
     return path
+
+
+def write_atomically(path: str, content: bytes | str) -> None:
+    """Write ``content`` beside ``path`` and rename it over ``path``: a reader never sees half a file."""
+    partial = path + ".partial"
+    with open(partial, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
+    os.replace(partial, path)
 
 
 def load_variables(workdir: str, template: dict) -> dict:

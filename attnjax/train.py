@@ -358,13 +358,6 @@ def write_json_line(path: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def write_file_atomically(path: str, text: str) -> None:
-    partial = path + ".partial"
-    with open(partial, "w") as f:
-        f.write(text)
-    os.replace(partial, path)
-
-
 def versions() -> dict:
     found = {}
     for package in ("attnjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"):
@@ -498,7 +491,7 @@ def train_and_evaluate(
                 flush=True,
             )
         if leader:  # the metrics of the finished epochs are the checkpoint's, whatever the file had gained since
-            write_file_atomically(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+            checkpoint.write_atomically(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
 
     if leader:
         run = {
@@ -509,7 +502,7 @@ def train_and_evaluate(
             "dataset": dataset.describe(),
         }
         text = json.dumps({"config": config.to_dict(), **run}, indent=2)
-        write_file_atomically(os.path.join(workdir, CONFIG_FILE), text)
+        checkpoint.write_atomically(os.path.join(workdir, CONFIG_FILE), text)
 
     state = parallel.replicate(state, devices)
     step_fn = functools.partial(train_step, dtype=dtype, microbatches=config.grad_accum)
@@ -672,9 +665,7 @@ def train_and_evaluate(
         raise
     progress.close()
     checkpoints.close()  # waits for the last asynchronous save; raises if it failed
-    if not history:
-        raise AssertionError("training ended without an epoch")  # unreachable: check_config requires epochs >= 1
-    last = history[-1]
+    last = history[-1]  # check_config requires epochs >= 1, so there is at least one
     say(
         f"final test accuracy: {last['test_accuracy']:.4f} ({last['test_correct']}/{last['test_examples']})", flush=True
     )
