@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 
 import jax
 
-from attnjax import data, models, parallel, precision, train
+from attnjax import data, models, parallel, precision, train, xla_options
 from attnjax.checkpoint import CheckpointError
 from attnjax.config import Config
 from attnjax.preemption import Interrupted
@@ -26,6 +27,7 @@ CHOICES = {
     "lr_schedule": lambda: list(train.SCHEDULES),
     "parallel": lambda: list(parallel.KINDS),
     "dtype": lambda: list(precision.DTYPES),
+    "xla_options": lambda: list(xla_options.MODES),
 }
 
 
@@ -83,6 +85,16 @@ EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped on SIGTERM/SIGINT after saving; re
 EXIT_ABORTED = 130  # Ctrl-C before training started, or twice: nothing new was saved
 
 
+def configure_xla_flags(mode: str = "tuned") -> None:
+    """Add attnjax's XLA:CPU options to ``XLA_FLAGS`` (the user's own settings win), if no backend started yet.
+
+    ``jax.pmap`` takes no compiler options: ``XLA_FLAGS``, read when JAX starts its backend, is
+    its only route. Only entry points call this; importing attnjax never touches the environment.
+    """
+    if not xla_options.backend_started():
+        os.environ["XLA_FLAGS"] = xla_options.merge_xla_flags(os.environ.get("XLA_FLAGS", ""), mode)
+
+
 def main(argv: list[str] | None = None) -> None:
     config, workdir, resume = parse_args(argv)
     failures = (
@@ -93,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     try:
         train.check_config(config)  # every option, before JAX starts a backend or a multi-host runtime
+        configure_xla_flags(config.xla_options)
         parallel.initialize_distributed(
             config.distributed, config.coordinator_address, config.num_processes, config.process_id
         )

@@ -37,6 +37,11 @@ class Config:
     dtype: str = _option(
         "float32", "compute dtype: float32, bfloat16, or float16 (with dynamic loss scaling); parameters stay float32"
     )
+    xla_options: str = _option(
+        "tuned",
+        "XLA:CPU compiler options: tuned (attnjax's, faster on CPU; see attnjax/xla_options.py) or default "
+        "(XLA's own, for comparison); no effect on GPU/TPU",
+    )
     grad_accum: int = _option(1, "average the gradients of N batches per update: an N-times larger batch")
     checkpoint_every_steps: int = _option(
         0, "also save a checkpoint every N optimizer steps (0: only at epoch ends, on preemption and at the end)"

@@ -76,13 +76,27 @@ def check_kind(kind: str) -> None:
         raise InputError(f"unknown parallel wrapper {kind!r}; valid: {', '.join(KINDS)}")
 
 
-def wrap_step(step: Callable, devices: Sequence[jax.Device], kind: str = "pmap", donate_state: bool = False):
-    """``step`` under ``kind`` (:func:`pmap_step` or :func:`jit_step`) over ``devices``."""
+def wrap_step(
+    step: Callable,
+    devices: Sequence[jax.Device],
+    kind: str = "pmap",
+    donate_state: bool = False,
+    compiler_options: dict | None = None,
+):
+    """``step`` under ``kind`` (:func:`pmap_step` or :func:`jit_step`) over ``devices``.
+
+    ``compiler_options`` reach XLA only under ``jit``: ``jax.pmap`` takes none, so for it the
+    same options must be in ``XLA_FLAGS`` before JAX starts (see :mod:`attnjax.xla_options`).
+    """
     check_kind(kind)
-    return (pmap_step if kind == "pmap" else jit_step)(step, devices, donate_state)
+    if kind == "pmap":
+        return pmap_step(step, devices, donate_state)
+    return jit_step(step, devices, donate_state, compiler_options)
 
 
-def jit_step(step: Callable, devices: Sequence[jax.Device], donate_state: bool = False) -> Callable:
+def jit_step(
+    step: Callable, devices: Sequence[jax.Device], donate_state: bool = False, compiler_options: dict | None = None
+) -> Callable:
     """``jax.jit`` of ``step(state, batch)`` with the batch sharded over ``devices`` and the state replicated.
 
     The step sees the global batch, so it needs no ``axis_name``: XLA partitions the
@@ -94,6 +108,7 @@ def jit_step(step: Callable, devices: Sequence[jax.Device], donate_state: bool =
         in_shardings=(replicated, _sharding(devices, PartitionSpec(AXIS))),
         out_shardings=replicated,
         donate_argnums=(0,) if donate_state else (),
+        compiler_options=compiler_options or None,
     )
 
 

@@ -28,7 +28,7 @@ import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from attnjax import checkpoint, data, models, parallel, precision
+from attnjax import checkpoint, data, models, ops, parallel, precision, xla_options
 from attnjax.checkpoint import CheckpointError
 from attnjax.config import Config
 from attnjax.preemption import Interrupted, Preemption
@@ -256,6 +256,7 @@ def check_config(config: Config) -> None:
         "block": models.block_names(),
         "lr_schedule": list(SCHEDULES),
         "augment": list(data.augment.CHOICES),
+        "xla_options": list(xla_options.MODES),
     }
     for name, valid in names.items():
         if getattr(config, name) not in valid:
@@ -500,14 +501,19 @@ def train_and_evaluate(
             "processes": jax.process_count(),
             "jax": jax.__version__,
             "dataset": dataset.describe(),
+            "xla_options": xla_options.applied(config.xla_options),  # what XLA:CPU compiled with
+            "formulations": ops.chosen(),  # which formulation each backend-dependent op traced
         }
         text = json.dumps({"config": config.to_dict(), **run}, indent=2)
         checkpoint.write_atomically(os.path.join(workdir, CONFIG_FILE), text)
 
     state = parallel.replicate(state, devices)
     step_fn = functools.partial(train_step, dtype=dtype, microbatches=config.grad_accum)
-    p_train_step = parallel.wrap_step(step_fn, devices, config.parallel, donate_state=True)
-    p_eval_step = parallel.wrap_step(functools.partial(eval_step, dtype=dtype), devices, config.parallel)
+    options = xla_options.compiler_options(config.xla_options)  # jit only; pmap reads XLA_FLAGS (set by the CLI)
+    p_train_step = parallel.wrap_step(step_fn, devices, config.parallel, donate_state=True, compiler_options=options)
+    p_eval_step = parallel.wrap_step(
+        functools.partial(eval_step, dtype=dtype), devices, config.parallel, compiler_options=options
+    )
     global_step = (epoch - 1) * steps_per_epoch + batch
     last_good = restored[1]["step"] if restored else None
     preemption = preemption if preemption is not None else Preemption()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from attnjax import ops, xla_options
 from attnjax.train import TIMING_FIELDS
 
 REQUIRED_FIELDS = {"epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_second"}
@@ -54,6 +55,10 @@ def test_cli_trains_and_writes_one_metrics_line_per_epoch(two_runs):
     assert lines[-1] == f"final test accuracy: {records[-1]['test_accuracy']:.4f} ({records[-1]['test_correct']}/360)"
     config = json.loads((Path(workdir) / "config.json").read_text())
     assert config["config"]["seed"] == 3 and config["devices"] == 8 and config["dataset"]["name"] == "digits"
+    # The CLI put attnjax's XLA:CPU options into XLA_FLAGS (beside the 8-device flag) and recorded them.
+    assert config["config"]["xla_options"] == "tuned"
+    assert config["xla_options"] == {name: flag for name, (_, flag, _) in xla_options.OPTIONS.items()}
+    assert config["formulations"] == ops.chosen()
 
 
 def test_same_seed_gives_identical_metrics_apart_from_timing(two_runs):

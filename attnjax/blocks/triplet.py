@@ -26,6 +26,10 @@ input. Parameters are named ``{branch}_conv`` and ``{branch}_bn``.
 Follows the official code where the paper is silent: Z-pool stacks max before mean, the
 7x7 conv has no bias and padding 3, and BN has epsilon 1e-5 and PyTorch momentum 0.01
 (Flax momentum 0.99). No deviations from the paper.
+
+On CPU the 7x7 convs (2 channels in, 1 out) are traced as one banded dot each
+(:mod:`attnjax.ops.single_output_conv`), about 2x faster there for the block at small maps.
+Same parameters, same values and gradients.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attnjax.layers import batch_norm
+from attnjax.ops.single_output_conv import single_output_conv
 from attnjax.validate import InputError, check_nhwc
 
 # For each branch, the NHWC permutation that puts the conv plane (rows, cols) at axes 1, 2
@@ -101,6 +106,7 @@ class TripletAttention(nn.Module):
                 padding=((pad, pad), (pad, pad)),
                 use_bias=False,
                 dtype=self.dtype,
+                conv_general_dilated=single_output_conv,
                 name=f"{branch}_conv",
             )(z_pool(rotate(x, branch)))
             t = batch_norm(train, momentum=0.99, dtype=self.dtype, name=f"{branch}_bn")(t)

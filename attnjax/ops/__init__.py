@@ -1,0 +1,81 @@
+"""Ops whose fastest formulation depends on the backend, and the one table that picks it.
+
+Some ops have a formulation that XLA compiles well on GPU/TPU and badly on CPU (or the
+reverse). Every such op lives in this package, computes the same values in each of its
+formulations (tests check them against each other to 1e-5, gradients included), and asks
+:func:`formulation` which one to trace. ``FORMULATIONS`` below is the whole choice, in one
+place::
+
+    op                  on cpu            elsewhere (gpu, tpu)
+    grouped_conv        block_diagonal    grouped
+    attention           einsum            fused
+    single_output_conv  banded            conv
+
+The choice is made when a function is traced, from ``jax.default_backend()``. To force one
+(to compare formulations, or to rule one out), trace under :func:`use_formulations`::
+
+    with ops.use_formulations(grouped_conv="grouped"):
+        step = jax.jit(train_step)     # traced inside the context: grouped convs on CPU too
+        step(state, batch)
+
+A function already traced (and cached by ``jax.jit``) keeps the formulation it was traced with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import jax
+
+from attnjax.validate import InputError
+
+# op -> {backend: formulation}; "default" covers every backend not named.
+FORMULATIONS: dict[str, dict[str, str]] = {
+    # XLA:CPU runs the kernel gradient of a grouped conv as a base-dilated conv on its naive
+    # emitter; a dense conv with a block-diagonal kernel (G times the FLOPs) avoids it.
+    "grouped_conv": {"cpu": "block_diagonal", "default": "grouped"},
+    # jax.nn.dot_product_attention on CPU adds layout copies and several passes over the
+    # (P, P) weights; GPU has a fused kernel for it.
+    "attention": {"cpu": "einsum", "default": "fused"},
+    # 7x7 convs with 2 inputs and 1 output (triplet, CBAM) are slow on both XLA:CPU conv
+    # paths; 7 row-shifted slices times one banded matrix is a single dot.
+    "single_output_conv": {"cpu": "banded", "default": "conv"},
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "grouped_conv": ("grouped", "block_diagonal"),
+    "attention": ("fused", "einsum"),
+    "single_output_conv": ("conv", "banded"),
+}
+
+_overrides = threading.local()
+
+
+def formulation(op: str, backend: str | None = None) -> str:
+    """The formulation of ``op`` to trace now: an override from :func:`use_formulations`, else the table's."""
+    forced = getattr(_overrides, "choices", {})
+    if op in forced:
+        return forced[op]
+    table = FORMULATIONS[op]
+    return table.get(backend or jax.default_backend(), table["default"])
+
+
+@contextlib.contextmanager
+def use_formulations(**choices: str):
+    """Trace with the given ``op=formulation`` choices instead of the table's (nests; restores on exit)."""
+    for op, choice in choices.items():
+        if op not in CHOICES:
+            raise InputError(f"unknown op {op!r}; ops with formulations: {', '.join(sorted(CHOICES))}")
+        if choice not in CHOICES[op]:
+            raise InputError(f"unknown formulation {choice!r} of {op}; choose from {', '.join(CHOICES[op])}")
+    previous = getattr(_overrides, "choices", {})
+    _overrides.choices = {**previous, **choices}
+    try:
+        yield
+    finally:
+        _overrides.choices = previous
+
+
+def chosen() -> dict[str, str]:
+    """Every op's formulation on the current backend (with any override): what a run records."""
+    return {op: formulation(op) for op in FORMULATIONS}
