@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from attnjax import blocks
+from attnjax import blocks, ops
 from attnjax.blocks import cost
 
 
@@ -42,8 +42,8 @@ def test_train_step_returns_gradients_and_new_batch_stats():
 
 def test_tables(costs):
     text = cost.format_table(costs).splitlines()
-    assert text[0].split() == "block params fwd MFLOP fwd+bwd MFLOP fwd+bwd ms IQR ms vs identity".split()
-    assert text[2].split()[0] == "identity" and text[2].split()[-1] == "1.00"
+    assert text[0].split() == "block params fwd MFLOP fwd+bwd MFLOP fwd+bwd ms IQR ms vs identity vs FLOPs".split()
+    assert text[2].split()[0] == "identity" and text[2].split()[-1] == "1.00"  # no FLOP ratio for the baseline
     markdown = cost.format_table(costs, markdown=True).splitlines()
     assert markdown[0].startswith("| block | params |") and markdown[1].startswith("|---|---:|")
     assert len(markdown) == 2 + len(costs)
@@ -57,3 +57,34 @@ def test_cli_rejects_unknown_blocks_and_bad_sizes(capsys):
     with pytest.raises(SystemExit):
         cost.main(["--repeats", "0"])
     assert "--repeats must be >= 1" in capsys.readouterr().err
+
+
+def _row(name, flops, ms):
+    return cost.Cost(name, 0, flops, flops, (ms / 1e3,))
+
+
+def test_flop_time_ratio_is_own_time_over_flop_proportional_time_at_the_median_rate():
+    rows = [
+        _row("identity", 1e6, 1.0),  # the baseline's FLOPs and time are subtracted from every row
+        _row("a", 11e6, 2.0),  # own: 10 MFLOP in 1 ms
+        _row("b", 21e6, 3.0),  # own: 20 MFLOP in 2 ms
+        _row("slow", 11e6, 21.0),  # own: 10 MFLOP in 20 ms, the pathology
+        _row("free", 1e6, 1.0),  # no own FLOPs or time: no ratio
+    ]
+    ratios = cost.flop_time_ratios(rows)
+    assert ratios[0] is None and ratios[4] is None
+    # Rates 10, 10 and 0.5 GFLOP/s: the median, 10, is the scale; one slow block does not move it.
+    assert ratios[1:4] == pytest.approx([1.0, 1.0, 20.0])
+    assert cost.format_table(rows).splitlines()[5].split()[-1] == "20.00"
+    assert cost.flop_time_ratios([_row("identity", None, 1.0), _row("a", None, 2.0)]) == [None, None]
+
+
+def test_flops_count_the_blocks_math_not_a_cpu_formulations():
+    # sk's CPU formulation runs dense block-diagonal convs: G = 32 times its grouped convs' FLOPs at C = 64.
+    (_, sk_cost) = cost.measure(["sk"], channels=64, height=8, width=8, batch=2, repeats=1, progress=False)
+    block = blocks.create("sk")
+    x = jnp.ones((2, 8, 8, 64))
+    variables = block.init(jax.random.key(0), x)
+    with ops.use_formulations(grouped_conv="block_diagonal"):
+        step = jax.jit(cost.train_step_fn(block, variables)).lower(variables["params"], x).compile()
+    assert sk_cost.train_flops < cost.flops_of(step) / 4

@@ -15,6 +15,11 @@ For each block at one input shape (N, H, W, C) it reports
 - ``vs identity``: that median over the median of the same step for a block that returns ``x``.
   The identity step is the cost of the loss alone (and of the call overhead), so a ratio of 1.0
   means the block is free and 2.0 means it costs as much again.
+- ``vs FLOPs``: the block's own time (its step less the identity's) over the time its own
+  FLOPs would take at the rate the table achieves (the median over the blocks of their FLOPs
+  per second, :func:`flop_time_ratios`). A block near 1 costs what its arithmetic predicts;
+  one far above 1 is a pathology of the compiler or of the formulation, not of the block's math.
+  Blocks of little arithmetic (memory-bound, a few small ops) sit above 1 by nature.
 
 The timings are taken side by side: after compiling and warming up every step, each repeat runs
 every block once, in an order rotated by one block per repeat, so that machine noise and drift
@@ -22,10 +27,13 @@ fall on all blocks alike; the medians over the repeats are reported. XLA's FLOP 
 the optimised HLO on the current backend (the counts of custom calls such as cuDNN kernels may be
 missing); they count a multiply-add as 2 FLOPs.
 
+Steps are timed as training compiles them: with attnjax's XLA:CPU options
+(:mod:`attnjax.xla_options`) and the backend's formulations (:mod:`attnjax.ops`). FLOPs are
+counted with the formulations native to GPU/TPU, so they are the block's math on every backend
+(on CPU, sk's block-diagonal convolutions run G times the FLOPs of its grouped ones).
+
 The defaults (C=64 at 16x16, AttentionNet's block on 32x32 images, batch 8) keep the run to
-about a minute on a 2-core CPU. Larger inputs are slow there for two blocks: mhsa and nonlocal
-grow with (H*W)^2, and sk's grouped convolutions have a kernel gradient that XLA:CPU computes
-100-200x slower than a dense convolution's (batch 32 at 32x32 takes some 30 s per sk step).
+well under a minute on a 2-core CPU. mhsa and nonlocal grow with (H*W)^2.
 """
 
 from __future__ import annotations
@@ -44,9 +52,11 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from attnjax import blocks as registry
+from attnjax import ops, xla_options
 from attnjax.validate import InputError
 
 IDENTITY = "identity"
+NATIVE_FORMULATIONS = {op: table["default"] for op, table in ops.FORMULATIONS.items()}
 
 
 class Identity(nn.Module):
@@ -134,12 +144,17 @@ class _Prepared:
 
 
 def _prepare(name: str, block: nn.Module, x: jax.Array, key: jax.Array) -> _Prepared:
+    options = xla_options.compiler_options() or None
     variables = jax.jit(block.init)(key, x)
     params = variables.get("params", {})
-    forward = jax.jit(lambda v, x: block.apply(v, x, train=False)).lower(variables, x).compile()
-    step = jax.jit(train_step_fn(block, variables)).lower(params, x).compile()
+    step = jax.jit(train_step_fn(block, variables), compiler_options=options).lower(params, x).compile()
+    # FLOPs of the block's math: counted with the formulations native to GPU/TPU, since a CPU
+    # formulation may run more (sk's block-diagonal convs run G times its grouped convs' FLOPs).
+    with ops.use_formulations(**NATIVE_FORMULATIONS):
+        forward = jax.jit(lambda v, x: block.apply(v, x, train=False)).lower(variables, x).compile()
+        math_step = jax.jit(train_step_fn(block, variables)).lower(params, x).compile()
     jax.block_until_ready(step(params, x))  # warm-up: allocations, thread pools
-    return _Prepared(name, count_params(variables), flops_of(forward), flops_of(step), step, (params, x))
+    return _Prepared(name, count_params(variables), flops_of(forward), flops_of(math_step), step, (params, x))
 
 
 def measure(
@@ -185,10 +200,34 @@ def _mflop(flops: float | None) -> str:
     return "n/a" if flops is None else f"{flops / 1e6:,.1f}"
 
 
+def flop_time_ratios(costs: Sequence[Cost]) -> list[float | None]:
+    """Each row's own time over the time its own FLOPs take at the table's achieved rate (the baseline: ``None``).
+
+    Own time and FLOPs are the row's less the baseline's (the first row: the loss and the call
+    overhead). The achieved rate is the median over the rows of own FLOPs per own second, so
+    that one pathological block does not set the scale for the others. ``None`` where a row has
+    no FLOP count, or no own FLOPs or time to compare.
+    """
+    base = costs[0]
+
+    def own(c: Cost) -> tuple[float, float] | None:
+        if c.train_flops is None or base.train_flops is None:
+            return None
+        flops, seconds = c.train_flops - base.train_flops, c.median_s - base.median_s
+        return (flops, seconds) if flops > 0 and seconds > 0 else None
+
+    owns = [own(c) for c in costs[1:]]
+    rates = [flops / seconds for flops, seconds in filter(None, owns)]
+    if not rates:
+        return [None] * len(costs)
+    rate = statistics.median(rates)
+    return [None] + [None if o is None else o[1] / (o[0] / rate) for o in owns]
+
+
 def format_table(costs: Sequence[Cost], markdown: bool = False) -> str:
     """The costs as an aligned text table, or as a markdown table. The first row is the baseline."""
     baseline = costs[0].median_s
-    header = ["block", "params", "fwd MFLOP", "fwd+bwd MFLOP", "fwd+bwd ms", "IQR ms", "vs identity"]
+    header = ["block", "params", "fwd MFLOP", "fwd+bwd MFLOP", "fwd+bwd ms", "IQR ms", "vs identity", "vs FLOPs"]
     rows = [
         [
             c.name,
@@ -198,8 +237,9 @@ def format_table(costs: Sequence[Cost], markdown: bool = False) -> str:
             f"{c.median_s * 1e3:.2f}",
             f"{c.iqr_s * 1e3:.2f}",
             f"{c.median_s / baseline:.2f}",
+            "" if ratio is None else f"{ratio:.2f}",
         ]
-        for c in costs
+        for c, ratio in zip(costs, flop_time_ratios(costs), strict=True)
     ]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
