@@ -18,7 +18,10 @@ The choice is made when a function is traced, from ``jax.default_backend()``. To
         step = jax.jit(train_step)     # traced inside the context: grouped convs on CPU too
         step(state, batch)
 
-A function already traced (and cached by ``jax.jit``) keeps the formulation it was traced with.
+JAX caches traces by function, not by this choice, so entering and leaving the context clears
+JAX's caches (``jax.clear_caches``): a function traced outside is traced afresh inside, and
+the other way round. Functions then compile again on their next call: a tool for comparing
+formulations and for tests, not for a training loop.
 """
 
 from __future__ import annotations
@@ -70,10 +73,12 @@ def use_formulations(**choices: str):
             raise InputError(f"unknown formulation {choice!r} of {op}; choose from {', '.join(CHOICES[op])}")
     previous = getattr(_overrides, "choices", {})
     _overrides.choices = {**previous, **choices}
+    jax.clear_caches()  # a trace cached under other choices must not be reused
     try:
         yield
     finally:
         _overrides.choices = previous
+        jax.clear_caches()
 
 
 def chosen() -> dict[str, str]:
