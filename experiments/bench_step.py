@@ -55,15 +55,15 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def alternate(runners: dict, steps: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each runner, the runners called in turn ``warmup + steps`` times."""
+def alternate(runners: dict, steps: int, warmup: int, average=statistics.median) -> dict[str, float]:
+    """Seconds per call of each runner (``average`` over the timed calls), the runners called in turn."""
     times = {name: [] for name in runners}
     for i in range(warmup + steps):
         for name, runner in runners.items():
             seconds = timed(runner)
             if i >= warmup:
                 times[name].append(seconds)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: average(t) for name, t in times.items()}
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
