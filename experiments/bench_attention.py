@@ -3,7 +3,7 @@
 Each size builds one jitted ``value_and_grad`` of ``sum(block(x)**2)`` with respect to the
 parameters and the input per formulation (traced inside ``ops.use_formulations``), then times
 them in turn, step by step, so machine noise hits both alike. Prints each median and the
-ratio fused / einsum (above 1: einsum is faster). Plain ``jax.jit``, default XLA options.
+ratio fused / einsum (above 1: einsum is faster). ``jax.jit`` with attnjax's XLA:CPU options, as training compiles.
 
     python experiments/bench_attention.py                               # 8x16x16x64, 128x8x8x64, 128x16x16x64
     python experiments/bench_attention.py --shapes 8x16x16x64 --steps 50 --heads 4
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from attnjax import ops  # noqa: E402
+from attnjax import ops, xla_options  # noqa: E402
 from attnjax.blocks import MultiHeadSelfAttention  # noqa: E402
 
 CHOICES = ("fused", "einsum")
@@ -39,7 +39,8 @@ def make_step(choice: str, shape: tuple[int, ...], heads: int):
         return jnp.sum(block.apply(variables, x) ** 2)
 
     with ops.use_formulations(attention=choice):  # a fresh closure per choice, traced here
-        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(variables, x).compile()
+        options = xla_options.compiler_options() or None
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), compiler_options=options).lower(variables, x).compile()
     jax.block_until_ready(step(variables, x))
     return lambda: jax.block_until_ready(step(variables, x))
 

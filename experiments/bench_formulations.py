@@ -23,7 +23,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from attnjax import blocks, ops
+from attnjax import blocks, ops, xla_options
 from attnjax.blocks.cost import train_step_fn
 
 # block -> the op whose formulations it is timed under (the first formulation is the baseline)
@@ -42,7 +42,8 @@ def compile_step(name: str, x: jax.Array, op: str, choice: str):
     variables = jax.jit(block.init)(jax.random.key(1), x)
     params = variables.get("params", {})
     with ops.use_formulations(**{op: choice}):
-        compiled = jax.jit(train_step_fn(block, variables)).lower(params, x).compile()
+        options = xla_options.compiler_options() or None  # as training compiles
+        compiled = jax.jit(train_step_fn(block, variables), compiler_options=options).lower(params, x).compile()
     jax.block_until_ready(compiled(params, x))  # warm-up
     return compiled, (params, x), compiled.as_text().count(" convolution(")
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import jax_utils
 
-from attnjax import models, parallel
+from attnjax import cli, models, parallel, xla_options
 from attnjax.train import create_train_state, train_step
 
 
@@ -35,6 +35,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
+    cli.configure_xla_flags()  # as the CLI does, before JAX starts: pmap's only route to the options
 
     devices = jax.local_devices()
     shape = (args.size, args.size, 3)
@@ -61,7 +62,7 @@ def main(argv=None):
             sharded,
         ),
         "jit (1 device)": (
-            jax.jit(train_step, donate_argnums=0),
+            jax.jit(train_step, donate_argnums=0, compiler_options=xla_options.compiler_options() or None),
             jax.tree.map(jnp.array, state),
             jax.device_put(batch),
         ),

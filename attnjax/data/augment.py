@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from attnjax.data.dataset import to_unit_range
 from attnjax.validate import InputError
 
 CHOICES = ("auto", "none", "crop", "flip", "crop+flip")
