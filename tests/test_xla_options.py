@@ -17,6 +17,14 @@ YNN = "xla_cpu_experimental_ynn_fusion_type"
 REGION = "xla_cpu_copy_insertion_use_region_analysis"
 
 
+@pytest.fixture(autouse=True)
+def xla_flags_without_attnjax_options(monkeypatch):
+    """XLA_FLAGS as conftest set it: a test that ran ``cli.main`` in this process may have added the options."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    kept = " ".join(flag for flag in flags.split() if flag.lstrip("-").split("=")[0] not in xla_options.OPTIONS)
+    monkeypatch.setenv("XLA_FLAGS", kept)
+
+
 def test_this_jaxlib_accepts_both_options():
     # If a jaxlib upgrade drops one, this fails: the figures in RESULTS.md then need re-measuring.
     assert xla_options.compiler_options() == {name: value for name, (value, _, _) in xla_options.OPTIONS.items()}
