@@ -14,7 +14,8 @@ from torch import nn
 from torch_reference import flax_to_torch_state, nhwc_to_nchw, random_images, random_variables
 
 from attnjax import blocks
-from attnjax.blocks.se import SqueezeExcitation, global_avg_pool
+from attnjax.blocks.primitives import global_avg_pool
+from attnjax.blocks.se import SqueezeExcitation
 
 TOL = 1e-5
 PROPERTY_SHAPES = [(2, 8, 8, 64), (1, 7, 7, 16), (3, 1, 1, 32), (2, 5, 9, 24), (2, 3, 4, 20)]

@@ -21,8 +21,9 @@ from attnjax.blocks.eca import EfficientChannelAttention
 from attnjax.blocks.gc import GlobalContext
 from attnjax.blocks.mhsa import MultiHeadSelfAttention
 from attnjax.blocks.non_local import NonLocalAttention
+from attnjax.blocks.primitives import global_avg_pool, reduced_channels, sigmoid_gate
 from attnjax.blocks.se import SqueezeExcitation
-from attnjax.blocks.seed import SeedAttention, reduced_channels, sigmoid_gate
+from attnjax.blocks.seed import SeedAttention
 from attnjax.blocks.simam import SimAMAttention
 from attnjax.blocks.sk import SelectiveKernelAttention
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
@@ -75,6 +76,7 @@ __all__ = [
     "SqueezeExcitation",
     "TripletAttention",
     "create",
+    "global_avg_pool",
     "names",
     "reduced_channels",
     "sigmoid_gate",

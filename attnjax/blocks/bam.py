@@ -37,8 +37,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from attnjax.blocks.se import global_avg_pool
-from attnjax.blocks.seed import reduced_channels
+from attnjax.blocks.primitives import global_avg_pool, reduced_channels
 from attnjax.layers import batch_norm
 from attnjax.validate import InputError, check_nhwc
 

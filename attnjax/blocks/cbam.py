@@ -38,8 +38,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.se import global_avg_pool
-from attnjax.blocks.seed import reduced_channels, sigmoid_gate
+from attnjax.blocks.primitives import global_avg_pool, reduced_channels, sigmoid_gate
 from attnjax.ops.single_output_conv import single_output_conv
 from attnjax.validate import InputError, check_nhwc
 

@@ -31,8 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.se import global_avg_pool
-from attnjax.blocks.seed import sigmoid_gate
+from attnjax.blocks.primitives import global_avg_pool, sigmoid_gate
 from attnjax.validate import InputError, check_nhwc
 
 

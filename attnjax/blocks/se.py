@@ -21,15 +21,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from attnjax.blocks.seed import reduced_channels, sigmoid_gate
+from attnjax.blocks.primitives import global_avg_pool, reduced_channels, sigmoid_gate
 from attnjax.validate import check_nhwc
-
-
-def global_avg_pool(x: jax.Array) -> jax.Array:
-    """Squeeze: ``z[n, 0, 0, c] = 1/(H*W) * sum_{h,w} x[n, h, w, c]``, shape (N, 1, 1, C)."""
-    return jnp.mean(x, axis=(1, 2), keepdims=True)
 
 
 class SqueezeExcitation(nn.Module):

@@ -17,28 +17,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from attnjax.validate import InputError, check_nhwc
-
-
-def sigmoid_gate(x: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Gate ``x`` by ``logits``: ``g = sigmoid(logits)``, ``y = x * g``.
-
-    ``logits`` broadcasts against ``x``. Returns ``(y, g)``; every ``g`` lies in (0, 1)
-    (up to float rounding at the extremes).
-    """
-    gate = jax.nn.sigmoid(logits)
-    return x * gate, gate
-
-
-def reduced_channels(channels: int, reduction: int, min_channels: int = 8) -> int:
-    """Bottleneck width ``max(C // r, min(C, min_channels))``.
-
-    ``C // r`` alone collapses to 0 for small C (C=3 with r=8); the floor keeps at least
-    ``min_channels`` (as timm's SE does), but never widens past C itself.
-    """
-    if reduction < 1:
-        raise InputError(f"reduction must be >= 1, got {reduction}")
-    return max(channels // reduction, min(channels, min_channels))
+from attnjax.blocks.primitives import reduced_channels, sigmoid_gate
+from attnjax.validate import check_nhwc
 
 
 class SeedAttention(nn.Module):

@@ -43,7 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.seed import reduced_channels
+from attnjax.blocks.primitives import reduced_channels
 from attnjax.layers import batch_norm
 from attnjax.ops.grouped_conv import grouped_conv
 from attnjax.validate import InputError, check_nhwc
