@@ -14,7 +14,7 @@ import time
 
 import jax
 
-from attnjax import data, models, parallel, precision, train, xla_options
+from attnjax import data, models, optim, parallel, precision, train, xla_options
 from attnjax.checkpoint import CheckpointError
 from attnjax.config import Config
 from attnjax.preemption import Interrupted
@@ -25,6 +25,7 @@ CHOICES = {
     "block": models.block_names,
     "augment": lambda: list(data.augment.CHOICES),
     "lr_schedule": lambda: list(train.SCHEDULES),
+    "optimizer": lambda: list(optim.OPTIMIZERS),
     "parallel": lambda: list(parallel.KINDS),
     "dtype": lambda: list(precision.DTYPES),
     "xla_options": lambda: list(xla_options.MODES),

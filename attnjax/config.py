@@ -22,10 +22,24 @@ class Config:
     block: str = _option("seed", "attention block inside the model ('none' for the baseline)")
     epochs: int = _option(12, "passes over the training set")
     batch_size: int = _option(128, "global batch size, split evenly over all local devices")
-    learning_rate: float = _option(1e-3, "Adam learning rate (the tutorial's 1e-3); the peak with a schedule")
+    learning_rate: float = _option(1e-3, "learning rate (Adam: the tutorial's 1e-3); the peak with a schedule")
     lr_schedule: str = _option(
         "cosine", "learning-rate schedule: cosine (decays to 0 over the run) or constant (the tutorial's)"
     )
+    optimizer: str = _option(
+        "adam", "adam (the tutorial's), adamw (decoupled weight decay), sgd (momentum) or lamb (large batches)"
+    )
+    weight_decay: float = _option(
+        0.0,
+        "weight decay for adamw, sgd and lamb (0: none; 0.05 is typical for adamw); only kernels and embeddings "
+        "decay, never biases or norm scales",
+    )
+    momentum: float = _option(0.9, "sgd's momentum (0: plain SGD); the other optimizers ignore it")
+    nesterov: bool = _option(False, "sgd with Nesterov momentum")
+    warmup_epochs: float = _option(
+        0.0, "raise the learning rate linearly from 0 to --learning-rate over this many epochs, then the schedule"
+    )
+    clip_grad_norm: float = _option(0.0, "scale the gradients down to this global norm when above it (0: off)")
     seed: int = _option(0, "seed for parameter initialisation, the order of training batches and augmentation")
     augment: str = _option("auto", "training augmentation: auto (the dataset's default), none, crop, flip or crop+flip")
     image_size: int = _option(0, "resize TFDS and folder images to N x N (shorter side, centre crop); 0 keeps them")
@@ -64,11 +78,17 @@ class Config:
         return dataclasses.asdict(self)
 
     def trajectory_diff(self, other: dict) -> list[str]:
-        """The fields that change training's result and differ from ``other`` (a saved config), as lines."""
+        """The fields that change training's result and differ from ``other`` (a saved config), as lines.
+
+        A field missing from ``other`` (a run from before the field existed) counts as its default,
+        which is what that run trained with.
+        """
+        defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        saved = {name: other.get(name, defaults[name]) for name in TRAJECTORY_FIELDS}
         return [
-            f"--{name.replace('_', '-')}: the run has {other.get(name)!r}, this command {getattr(self, name)!r}"
+            f"--{name.replace('_', '-')}: the run has {saved[name]!r}, this command {getattr(self, name)!r}"
             for name in TRAJECTORY_FIELDS
-            if other.get(name) != getattr(self, name)
+            if saved[name] != getattr(self, name)
         ]
 
 
@@ -82,6 +102,12 @@ TRAJECTORY_FIELDS = (
     "batch_size",
     "learning_rate",
     "lr_schedule",
+    "optimizer",
+    "weight_decay",
+    "momentum",
+    "nesterov",
+    "warmup_epochs",
+    "clip_grad_norm",
     "epochs",
     "dtype",
     "grad_accum",

@@ -28,7 +28,7 @@ import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from attnjax import checkpoint, data, models, ops, parallel, precision, xla_options
+from attnjax import checkpoint, data, models, ops, optim, parallel, precision, xla_options
 from attnjax.checkpoint import CheckpointError
 from attnjax.config import Config
 from attnjax.preemption import Interrupted, Preemption
@@ -64,35 +64,58 @@ def create_model(config: Config, num_classes: int) -> nn.Module:
     return models.create(config.model, num_classes=num_classes, block=config.block, dtype=dtype)
 
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = optim.SCHEDULES
 
 
-def learning_rate_schedule(name: str, peak: float, total_steps: int) -> optax.Schedule | float:
-    """``constant``: ``peak`` throughout (the tutorial); ``cosine``: from ``peak`` down to 0 at ``total_steps``."""
-    if name == "constant":
-        return peak
-    if name == "cosine":
-        return optax.cosine_decay_schedule(init_value=peak, decay_steps=max(total_steps, 1))
-    raise InputError(f"unknown learning-rate schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+def learning_rate_schedule(name: str, peak: float, total_steps: int, warmup_steps: int = 0) -> optim.LearningRate:
+    """``constant``: ``peak`` throughout (the tutorial); ``cosine``: from ``peak`` down to 0 at ``total_steps``.
+
+    The first ``warmup_steps`` steps rise linearly from 0 to ``peak`` (see :func:`attnjax.optim.schedule`).
+    """
+    if name not in SCHEDULES:
+        raise InputError(f"unknown learning-rate schedule {name!r}; valid: {', '.join(SCHEDULES)}")
+    return optim.schedule(name, peak, total_steps, warmup_steps)
+
+
+def warmup_steps(config: Config, steps_per_epoch: int) -> int:
+    """``config.warmup_epochs`` in optimizer steps: rounded, and at least one when warm-up is asked for."""
+    if config.warmup_epochs <= 0:
+        return 0
+    return max(round(config.warmup_epochs * steps_per_epoch), 1)
+
+
+def create_optimizer(config: Config, learning_rate: optim.LearningRate) -> optax.GradientTransformation:
+    """``config``'s optimizer (``--optimizer`` and its options) at ``learning_rate``, a float or a schedule."""
+    return optim.optimizer(
+        config.optimizer,
+        learning_rate,
+        weight_decay=config.weight_decay,
+        momentum=config.momentum,
+        nesterov=config.nesterov,
+        clip_grad_norm=config.clip_grad_norm,
+    )
 
 
 def create_train_state(
     rng: jax.Array,
     model: nn.Module,
     image_shape: tuple[int, ...],
-    learning_rate: float | optax.Schedule,
+    learning_rate: optim.LearningRate,
     loss_scaling: bool = False,
+    tx: optax.GradientTransformation | None = None,
 ) -> TrainState:
-    """Initialise parameters for images of ``image_shape`` (H, W, C) and an Adam optimizer.
+    """Initialise parameters for images of ``image_shape`` (H, W, C) and the optimizer ``tx``.
 
-    ``loss_scaling`` adds a dynamic loss scale, for float16 compute.
+    ``tx`` defaults to Adam at ``learning_rate`` (a float or a schedule); a given ``tx`` carries
+    its own learning rate and ``learning_rate`` is then unused. ``loss_scaling`` adds a dynamic
+    loss scale, for float16 compute.
     """
     variables = model.init(rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
     return TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
         batch_stats=variables.get("batch_stats", {}),
-        tx=optax.adam(learning_rate),
+        tx=tx if tx is not None else optim.optimizer("adam", learning_rate),
         loss_scale=precision.DynamicLossScale.create() if loss_scaling else None,
     )
 
@@ -105,7 +128,7 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def train_step(
     state: TrainState, batch: dict, axis_name: str | None = None, *, dtype=None, microbatches: int = 1
 ) -> tuple[TrainState, dict]:
-    """One Adam step on ``batch``; with ``axis_name``, gradients and metrics are averaged over it.
+    """One optimizer step on ``batch``; with ``axis_name``, gradients and metrics are averaged over it.
 
     ``metrics`` holds the batch's ``loss`` and ``accuracy`` and ``finite``: False when the loss
     or a gradient is not finite (float16: when the loss is not; overflowing gradients there
@@ -249,12 +272,35 @@ def check_config(config: Config) -> None:
         refuse("checkpoint_every_steps", config.checkpoint_every_steps, "use 0 (off) or a number of steps")
     if not (math.isfinite(config.checkpoint_every_minutes) and config.checkpoint_every_minutes >= 0):
         refuse("checkpoint_every_minutes", config.checkpoint_every_minutes, "use 0 (off) or a number of minutes")
+    for name in ("weight_decay", "clip_grad_norm"):
+        value = getattr(config, name)
+        if not (math.isfinite(value) and value >= 0):
+            refuse(name, value, "use 0 (off) or a finite number above 0")
+    if not (math.isfinite(config.momentum) and 0 <= config.momentum < 1):
+        refuse("momentum", config.momentum, "use a number from 0 (none) up to, not including, 1, such as 0.9")
+    if not (math.isfinite(config.warmup_epochs) and 0 <= config.warmup_epochs < config.epochs):
+        refuse(
+            "warmup_epochs", config.warmup_epochs, f"use 0 (off) or a number of epochs below --epochs {config.epochs}"
+        )
+    if config.weight_decay and config.optimizer in optim.OPTIMIZERS and config.optimizer not in optim.DECAYING:
+        refuse(
+            "weight_decay",
+            config.weight_decay,
+            f"--optimizer {config.optimizer} takes none: use --optimizer adamw (Adam with decoupled weight decay), "
+            f"or one of {', '.join(optim.DECAYING)}",
+        )
+    if config.nesterov and (config.optimizer != "sgd" or not config.momentum):
+        raise InputError(
+            f"--nesterov is invalid with --optimizer {config.optimizer} and --momentum {config.momentum}: "
+            "Nesterov momentum needs --optimizer sgd with --momentum above 0"
+        )
     precision.compute_dtype(config.dtype)
     parallel.check_kind(config.parallel)
     names = {
         "model": models.names(),
         "block": models.block_names(),
         "lr_schedule": list(SCHEDULES),
+        "optimizer": list(optim.OPTIMIZERS),
         "augment": list(data.augment.CHOICES),
         "xla_options": list(xla_options.MODES),
     }
@@ -441,13 +487,20 @@ def train_and_evaluate(
     update_batch = config.batch_size * config.grad_accum  # examples per optimizer update
     steps_per_epoch = data.pipeline.steps_per_epoch(len(dataset.train), update_batch)
     model = create_model(config, dataset.num_classes)
-    schedule = learning_rate_schedule(config.lr_schedule, config.learning_rate, config.epochs * steps_per_epoch)
+    # ``schedule`` gives the learning rate of any step: optim.learning_rate_at(schedule, step).
+    schedule = learning_rate_schedule(
+        config.lr_schedule,
+        config.learning_rate,
+        config.epochs * steps_per_epoch,
+        warmup_steps(config, steps_per_epoch),
+    )
     state = create_train_state(
         jax.random.key(config.seed),
         model,
         dataset.image_shape,
         schedule,
         loss_scaling=precision.needs_loss_scaling(config.dtype),
+        tx=create_optimizer(config, schedule),
     )
 
     metrics_path = os.path.join(workdir, METRICS_FILE)

@@ -47,6 +47,23 @@ def run_cli(argv, capsys) -> tuple[int, str]:
             "--checkpoint-every-steps -5 is invalid: use 0 (off) or a number of steps",
         ),
         (["--checkpoint-every-minutes", "nan"], "--checkpoint-every-minutes nan is invalid: use 0 (off) or a number"),
+        (["--weight-decay", "-0.1"], "--weight-decay -0.1 is invalid: use 0 (off) or a finite number above 0"),
+        (
+            ["--weight-decay", "0.05"],
+            "--weight-decay 0.05 is invalid: --optimizer adam takes none: use --optimizer adamw",
+        ),
+        (["--clip-grad-norm", "nan"], "--clip-grad-norm nan is invalid: use 0 (off) or a finite number above 0"),
+        (["--optimizer", "sgd", "--momentum", "1"], "--momentum 1.0 is invalid: use a number from 0 (none) up to"),
+        (
+            ["--warmup-epochs", "12"],
+            "--warmup-epochs 12.0 is invalid: use 0 (off) or a number of epochs below --epochs 12",
+        ),
+        (["--nesterov"], "--nesterov is invalid with --optimizer adam and --momentum 0.9: Nesterov momentum needs"),
+        (
+            ["--epochs", "1", "--optimizer", "adamw"],
+            "holds a run with other options, and continuing it with these would not reproduce it:\n"
+            "  --optimizer: the run has 'adam', this command 'adamw'",
+        ),
         (
             ["--block", "cbam"],
             "holds a run with other options, and continuing it with these would not reproduce it:\n"
