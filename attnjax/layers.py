@@ -7,7 +7,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from attnjax.parallel import AXIS
+# The mapped axis whose devices share batch-norm statistics unless told otherwise. attnjax's
+# trainer maps its step over an axis of this name (attnjax.parallel.AXIS is this constant);
+# the block library defines it so that it needs nothing from the trainer.
+BATCH_AXIS = "batch"
 
 
 def axis_is_bound(name: str) -> bool:
@@ -22,6 +25,7 @@ def axis_is_bound(name: str) -> bool:
 def batch_norm(
     train: bool,
     *,
+    axis_name: str | None = BATCH_AXIS,
     momentum: float = 0.9,
     epsilon: float = 1e-5,
     dtype: Any = None,
@@ -30,11 +34,13 @@ def batch_norm(
 ) -> nn.BatchNorm:
     """``nn.BatchNorm`` for NHWC maps: batch statistics when ``train``, running averages otherwise.
 
-    In training under attnjax's ``pmap`` (:mod:`attnjax.parallel`) the batch statistics are
-    averaged over the device axis (synchronised batch norm), so N devices normalise
-    exactly as one device would over the global batch, and the running averages stay
-    identical on every device. Elsewhere (one device, ``jit``) it is plain batch norm.
-    Call it inside a compact method: ``x = batch_norm(train)(x)``.
+    ``axis_name`` is Flax's: in training inside a ``pmap``/``shard_map`` over that axis the
+    batch statistics are averaged over its devices (synchronised batch norm), so N devices
+    normalise exactly as one device would over the global batch and the running averages stay
+    identical on every device. The default is :data:`BATCH_AXIS`, the axis attnjax's trainer
+    maps over (:mod:`attnjax.parallel`), used only where it is bound: outside such a map (one
+    device, ``jit``, evaluation) it is plain batch norm. ``None`` never synchronises. Call it
+    inside a compact method: ``x = batch_norm(train)(x)``.
     """
     return nn.BatchNorm(
         use_running_average=not train,
@@ -42,7 +48,7 @@ def batch_norm(
         epsilon=epsilon,
         dtype=dtype,
         scale_init=scale_init,
-        axis_name=AXIS if train and axis_is_bound(AXIS) else None,
+        axis_name=axis_name if train and axis_name and axis_is_bound(axis_name) else None,
         # Two-pass variance: Flax's default E[x^2] - E[x]^2 cancels badly in float32 when the
         # mean is large against the spread (seen as 1e-3 errors on small batches).
         use_fast_variance=False,

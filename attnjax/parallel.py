@@ -32,9 +32,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError, check_divisible
 
-AXIS = "batch"  # the pmap axis over which gradients and metrics are averaged
+AXIS = BATCH_AXIS  # the pmap axis over which gradients, metrics and batch-norm statistics are averaged
 KINDS = ("pmap", "jit")
 
 

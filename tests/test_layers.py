@@ -44,3 +44,34 @@ def test_batch_norm_in_eval_uses_running_averages():
     x = np.random.default_rng(1).normal(size=(4, 2, 2, 3)).astype(np.float32) * 5 + 2
     variables = Norm().init(jax.random.key(0), x, train=False)
     np.testing.assert_allclose(Norm().apply(variables, x, train=False), x / np.sqrt(1 + 1e-5), rtol=1e-5)
+
+
+def test_batch_norm_axis_name_is_a_plain_argument(devices):
+    """A block may synchronise over an axis of another name, or never; the library does not import the trainer."""
+    import subprocess
+    import sys
+
+    x = np.random.default_rng(1).normal(size=(8, 2, 2, 3)).astype(np.float32) + np.arange(8)[:, None, None, None]
+
+    class Named(nn.Module):
+        axis_name: str | None
+
+        @nn.compact
+        def __call__(self, x):
+            return batch_norm(True, axis_name=self.axis_name)(x)
+
+    variables = Named("devices").init(jax.random.key(0), x)
+    single = Named("devices").apply(variables, x, mutable=["batch_stats"])[0]
+
+    def mapped(axis_name):
+        return jax.pmap(
+            lambda b: Named(axis_name).apply(variables, b, mutable=["batch_stats"])[0], axis_name="devices"
+        )(x.reshape(len(devices), -1, *x.shape[1:])).reshape(x.shape)
+
+    np.testing.assert_allclose(mapped("devices"), single, rtol=1e-5, atol=1e-5)  # synchronised over "devices"
+    assert not np.allclose(mapped(None), single, atol=1e-3)  # per-device statistics: other outputs
+    code = (
+        "import sys, attnjax.blocks, attnjax.layers; print(sorted(m for m in sys.modules if m.startswith('attnjax')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "attnjax.parallel" not in loaded and "attnjax.train" not in loaded, loaded
