@@ -1,12 +1,14 @@
 """AttentionNet: shapes at every input size, pooling to about the tutorial's fc1, bad input."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnjax import models
+from attnjax import blocks, models
 from attnjax.blocks import SeedAttention, SoftmaxAttention
 from attnjax.models import AttentionNet
 
@@ -49,7 +51,9 @@ def test_block_argument_places_the_block_between_the_convs():
 def test_models_create_accepts_names_none_and_modules():
     assert models.create("attention_net", num_classes=10, block="none").block is None
     assert models.create("attention_net", num_classes=10).block is None
-    assert isinstance(models.create("attention_net", num_classes=10, block="softmax").block, SoftmaxAttention)
+    # A name becomes a factory (the host builds the block at each site), as in Flax and timm.
+    factory = models.create("attention_net", num_classes=10, block="softmax").block
+    assert isinstance(factory, functools.partial) and factory.func is SoftmaxAttention
     module = SeedAttention(reduction=2)
     assert models.create("attention_net", num_classes=10, block=module).block is module
 
@@ -87,3 +91,41 @@ def test_max_pool_2x2_equals_flax_max_pool(shape, window):
     x = jax.random.normal(jax.random.key(0), shape)
     expected = nn.max_pool(x, window, strides=window, padding="VALID")
     np.testing.assert_array_equal(max_pool_2x2(x, window), expected)
+
+
+def test_block_options_reach_every_site_and_the_hosts_dtype_reaches_the_block():
+    x = jnp.ones((2, 8, 8, 3))
+    net = models.create("resnet18", num_classes=10, block="se", block_options={"reduction": 4})
+    params = net.init(jax.random.key(0), x)["params"]
+    hidden = {p["block"]["reduce"]["kernel"].shape[-1] for n, p in params.items() if n.startswith("layer")}
+    assert hidden == {64 // 4, 128 // 4, 256 // 4, 512 // 4}  # one block per residual block, each with the option
+    net = models.create("attention_net", num_classes=10, block="seed", dtype=jnp.bfloat16)
+    variables = net.init(jax.random.key(0), x)
+    _, state = net.apply(variables, x, mutable=["intermediates"])
+    assert state["intermediates"]["block"]["attention"][0].dtype == jnp.bfloat16
+
+
+def test_unknown_or_badly_typed_options_name_the_valid_ones():
+    with pytest.raises(ValueError, match=r"'cbam' has no option reduce; its options: reduction=16, kernel_size=7"):
+        models.create("attention_net", num_classes=10, block="cbam", block_options={"reduce": 8})
+    with pytest.raises(ValueError, match=r"model 'resnet18' has no option stems; its options: .*stem='cifar'"):
+        models.create("resnet18", num_classes=10, stems="imagenet")
+    with pytest.raises(ValueError, match=r"kernel_size: 'big' is not a int"):
+        blocks.parse_options("cbam", ["kernel_size=big"])
+    with pytest.raises(ValueError, match=r"not key=value"):
+        blocks.parse_options("cbam", ["reduction"])
+
+
+@pytest.mark.parametrize("name", blocks.names())
+def test_every_block_takes_its_options_from_key_value_text(name):
+    """Each documented option, given back as text at its default value, builds the same block."""
+
+    def text(value):
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    defaults = blocks.options(name)
+    parsed = blocks.parse_options(name, [f"{k}={text(v)}" for k, v in defaults.items()])
+    assert parsed == defaults
+    x = jnp.ones((1, 4, 4, 8))
+    net = models.create("attention_net", num_classes=3, block=name, block_options=parsed)
+    assert net.apply(net.init(jax.random.key(0), x), x).shape == (1, 3)

@@ -111,7 +111,7 @@ def test_each_residual_block_has_its_own_attention_parameters(name, block):
 
 def test_models_create_passes_the_block_and_options():
     net = models.create("resnet18", num_classes=10, block="cbam")
-    assert isinstance(net, ResNet18) and isinstance(net.block, blocks.CBAM)
+    assert isinstance(net, ResNet18) and net.block.func is blocks.CBAM  # a factory: one block per residual block
     assert net.stem == "cifar" and not net.zero_init_residual
     net = models.create("resnet34", num_classes=5, stem="imagenet", zero_init_residual=True)
     assert isinstance(net, ResNet34) and net.block is None and net.stem == "imagenet" and net.zero_init_residual

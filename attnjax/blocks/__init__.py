@@ -8,9 +8,18 @@
 Every block is called as ``block(x, train=False)`` on NHWC ``x``: it takes its channel
 count from the input, returns the input's shape, and sows its attention map(s) under the
 ``intermediates`` collection. ``train`` selects batch statistics in blocks with batch norm.
+
+Hosts (the models) take a block *factory*, not a built block: ``blocks.factory("cbam",
+reduction=8)`` is a ``functools.partial`` of the class with checked options, and the host
+calls it once per site (with its own ``name`` and ``dtype``). ``blocks.options("cbam")`` lists
+a block's options and defaults; ``blocks.parse_options("cbam", ["reduction=8"])`` reads them
+from ``key=value`` text, as ``--block-option`` gives them.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import flax.linen as nn
 
@@ -52,13 +61,104 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create(name: str, **options) -> nn.Module:
-    """Build the block registered as ``name`` with its keyword ``options``."""
+# Fields every flax Module has, and the ones a host sets per site: not block options.
+_NOT_OPTIONS = {"parent", "name", "dtype"}
+
+
+def _block_class(name: str) -> type[nn.Module]:
     try:
-        cls = _REGISTRY[name]
+        return _REGISTRY[name]
     except KeyError:
         raise InputError(f"unknown attention block {name!r}; valid names: {', '.join(names())}") from None
-    return cls(**options)
+
+
+def options(name: str) -> dict[str, object]:
+    """The options of block ``name`` and their defaults (``dtype`` is the host's to set)."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(_block_class(name))
+        if f.init and f.name not in _NOT_OPTIONS and f.default is not dataclasses.MISSING
+    }
+
+
+def check_options(name: str, given: dict) -> None:
+    """Refuse options that block ``name`` does not have, naming the ones it has."""
+    valid = options(name)
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
+        raise InputError(f"attention block {name!r} has no option {', '.join(unknown)}; its options: {listed}")
+
+
+def _parse_value(text: str, default, where: str):
+    """``text`` as the type of ``default``: bool, int, float, str, or a tuple of ints (``1,2``)."""
+    try:
+        if default is None:  # an optional number (eca's kernel_size): none, an int or a float
+            if text.lower() == "none":
+                return None
+            return float(text) if any(c in text for c in ".eE") else int(text)
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, tuple):
+            return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        kind = "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
+        shown = "comma-separated integers such as 1,2" if isinstance(default, tuple) else kind
+        raise InputError(f"{where}: {text!r} is not {shown} (the default is {default!r})") from None
+    return text
+
+
+def parse_key_values(pairs, defaults: dict, who: str) -> dict:
+    """``["key=value", ...]`` as a dict, each value read as the type of its default in ``defaults``."""
+    parsed = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise InputError(f"{who}: {pair!r} is not key=value (for example reduction=8)")
+        if key not in defaults:
+            listed = ", ".join(f"{k}={v!r}" for k, v in defaults.items()) or "none"
+            raise InputError(f"{who} has no option {key!r}; its options: {listed}")
+        parsed[key] = _parse_value(text.strip(), defaults[key], f"{who} option {key}")
+    return parsed
+
+
+def parse_options(name: str, pairs) -> dict:
+    """Block ``name``'s options from ``key=value`` strings, typed by their defaults."""
+    return parse_key_values(pairs, options(name), f"attention block {name!r}")
+
+
+def factory(name: str, **given) -> functools.partial:
+    """A factory of block ``name`` with ``given`` options (checked): call it with ``name=``/``dtype=`` per site."""
+    check_options(name, given)
+    return functools.partial(_block_class(name), **given)
+
+
+def build(block, *, name: str, dtype) -> nn.Module | None:
+    """One block for one site of a host: from a factory (given the host's ``dtype`` when it takes one).
+
+    A built module (a host's field) is returned as it is; a host with several sites gives each
+    site's sub-host its own ``copy(parent=None)`` of it.
+    """
+    if block is None:
+        return None
+    if isinstance(block, nn.Module):
+        return block  # a module given as the host's field is already the host's own child
+    cls = block.func if isinstance(block, functools.partial) else block
+    takes_dtype = isinstance(cls, type) and "dtype" in {f.name for f in dataclasses.fields(cls)}
+    given = block.keywords if isinstance(block, functools.partial) else {}
+    return block(name=name, **({"dtype": dtype} if takes_dtype and "dtype" not in given else {}))
+
+
+def create(name: str, **options) -> nn.Module:
+    """Build the block registered as ``name`` with its keyword ``options``."""
+    return _block_class(name)(**options)
 
 
 __all__ = [
@@ -75,9 +175,15 @@ __all__ = [
     "SoftmaxAttention",
     "SqueezeExcitation",
     "TripletAttention",
+    "build",
+    "check_options",
     "create",
+    "factory",
     "global_avg_pool",
     "names",
+    "options",
+    "parse_key_values",
+    "parse_options",
     "reduced_channels",
     "sigmoid_gate",
     "softmax_attention",

@@ -9,6 +9,10 @@ Every model maps NHWC images to logits and is called as ``model.apply(variables,
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+
 import flax.linen as nn
 
 from attnjax import blocks
@@ -35,24 +39,62 @@ def block_names() -> list[str]:
     return [NO_BLOCK, *blocks.names()]
 
 
-def create(name: str, *, num_classes: int, block: str | nn.Module | None = None, **options) -> nn.Module:
-    """Build model ``name`` with ``num_classes`` outputs and an attention ``block``.
+def create(
+    name: str,
+    *,
+    num_classes: int,
+    block: str | Callable[..., nn.Module] | nn.Module | None = None,
+    block_options: dict | None = None,
+    **options,
+) -> nn.Module:
+    """Build model ``name`` with ``num_classes`` outputs and an attention ``block`` at each of its sites.
 
-    ``block`` is a registered block name, ``"none"``/``None`` for the baseline, or a module.
+    ``block`` is a registered block name (with ``block_options``), ``"none"``/``None`` for the
+    baseline, a block class or ``functools.partial`` (a factory: the host builds one block per
+    site, passing its ``name`` and its ``dtype``), or a built module (copied per site).
+    ``options`` are the model's own (``stem``, ``zero_init_residual``, ...), checked against its fields.
     """
     try:
         cls = _REGISTRY[name]
     except KeyError:
         raise InputError(f"unknown model {name!r}; valid names: {', '.join(names())}") from None
+    check_model_options(name, options)
     if isinstance(block, str):
-        block = None if block == NO_BLOCK else _create_block(block)
+        if block == NO_BLOCK:
+            block = None
+        elif block not in blocks.names():
+            raise InputError(f"unknown attention block {block!r}; valid names: {', '.join(block_names())}")
+        else:
+            block = blocks.factory(block, **(block_options or {}))
+    elif block_options:
+        block = functools.partial(block, **block_options)
     return cls(num_classes=num_classes, block=block, **options)
 
 
-def _create_block(name: str) -> nn.Module:
-    if name not in blocks.names():
-        raise InputError(f"unknown attention block {name!r}; valid names: {', '.join(block_names())}")
-    return blocks.create(name)
+# Set by create itself or by the training loop, not model options.
+_NOT_MODEL_OPTIONS = {"parent", "name", "num_classes", "block", "dtype"}
+
+
+def model_options(name: str) -> dict[str, object]:
+    """The options of model ``name`` and their defaults."""
+    return {
+        f.name: f.default
+        for f in dataclasses.fields(_REGISTRY[name])
+        if f.init and f.name not in _NOT_MODEL_OPTIONS and f.default is not dataclasses.MISSING
+    }
+
+
+def check_model_options(name: str, given: dict) -> None:
+    valid = model_options(name)
+    unknown = sorted(set(given) - set(valid) - {"dtype"})
+    if unknown:
+        listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
+        raise InputError(f"model {name!r} has no option {', '.join(unknown)}; its options: {listed}")
+
+
+def parse_model_options(name: str, pairs) -> dict:
+    """Model ``name``'s options from ``key=value`` strings, typed by their defaults."""
+    return blocks.parse_key_values(pairs, model_options(name), f"model {name!r}")
 
 
 __all__ = [
@@ -63,6 +105,9 @@ __all__ = [
     "ResNet18",
     "ResNet34",
     "block_names",
+    "check_model_options",
     "create",
+    "model_options",
     "names",
+    "parse_model_options",
 ]

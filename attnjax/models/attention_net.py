@@ -13,12 +13,14 @@ Deviations from the tutorial's code, each for a reason (see the README's table):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attnjax import blocks
 from attnjax.validate import check_channels, check_nhwc
 
 TARGET_SIZE = 8  # the tutorial's fc1 expects 8x8 maps
@@ -60,7 +62,7 @@ class AttentionNet(nn.Module):
     """
 
     num_classes: int = 10
-    block: nn.Module | None = None
+    block: Callable[..., nn.Module] | nn.Module | None = None  # a factory (see attnjax.blocks.factory) or a module
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -73,8 +75,9 @@ class AttentionNet(nn.Module):
         x = x.astype(self.dtype)
         x = nn.relu(nn.Conv(64, (3, 3), padding="SAME", dtype=self.dtype, name="conv1")(x))
         x = halve_axes_longer_than(x, TARGET_SIZE)
-        if self.block is not None:
-            x = self.block(x, train=train)
+        block = blocks.build(self.block, name="block", dtype=self.dtype)
+        if block is not None:
+            x = block(x, train=train)
         x = nn.relu(nn.Conv(128, (3, 3), padding="SAME", dtype=self.dtype, name="conv2")(x))
         x = pool_to_at_most(x, TARGET_SIZE)
         x = x.reshape(x.shape[0], -1)

@@ -24,7 +24,7 @@ Options and choices:
 - ``zero_init_residual`` (default False, as torchvision): start each bn2 scale at 0, so every
   residual block begins as the identity (Goyal et al. 2017). With it the attention block sees an
   all-zero input at initialisation, so its own parameters get no gradient on the first step.
-- Every residual block holds its own copy of ``block``, with its own parameters
+- ``block`` is a factory (``attnjax.blocks.factory``): every residual block builds its own, with its own parameters
   (``params/layer{stage}_{index}/block``) and its own sown maps.
 - Padding as torchvision: 3x3 convs pad 1 on each side (Flax's "SAME" pads stride-2 convs on the
   bottom/right only), so the same weights give the same outputs.
@@ -34,13 +34,14 @@ Options and choices:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attnjax import blocks
 from attnjax.layers import batch_norm
 from attnjax.validate import InputError, check_channels, check_nhwc
 
@@ -54,7 +55,7 @@ class BasicBlock(nn.Module):
 
     features: int
     strides: int = 1
-    block: nn.Module | None = None
+    block: Callable[..., nn.Module] | nn.Module | None = None  # a factory (see attnjax.blocks.factory) or a module
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
 
@@ -66,8 +67,9 @@ class BasicBlock(nn.Module):
         y = nn.Conv(self.features, (3, 3), padding=PAD_1, name="conv2", **conv)(y)
         scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
         y = batch_norm(train, dtype=self.dtype, scale_init=scale_init, name="bn2")(y)
-        if self.block is not None:
-            y = self.block(y, train=train)
+        block = blocks.build(self.block, name="block", dtype=self.dtype)
+        if block is not None:
+            y = block(y, train=train)
 
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
@@ -84,7 +86,7 @@ class ResNet(nn.Module):
     """
 
     num_classes: int = 10
-    block: nn.Module | None = None
+    block: Callable[..., nn.Module] | nn.Module | None = None  # a factory, built once per residual block
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     stem: str = "cifar"
     zero_init_residual: bool = False
@@ -117,9 +119,9 @@ class ResNet(nn.Module):
                 x = BasicBlock(
                     width,
                     strides=2 if stage > 1 and index == 0 else 1,
-                    # copy(parent=None): a fresh, unbound module that this BasicBlock adopts, so each
-                    # residual block gets its own parameters (passing self.block would share one set).
-                    block=None if self.block is None else self.block.copy(parent=None),
+                    # Each BasicBlock builds its own block from the factory, with its own parameters; a
+                    # built module is copied (unbound) for each, as passing it would share one set.
+                    block=self.block.copy(parent=None) if isinstance(self.block, nn.Module) else self.block,
                     zero_init_residual=self.zero_init_residual,
                     dtype=self.dtype,
                     name=f"layer{stage}_{index}",
