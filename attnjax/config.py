@@ -63,6 +63,16 @@ class Config:
     checkpoint_every_minutes: float = _option(
         10.0, "also save a checkpoint when M minutes have passed since the last one (0: never by time)"
     )
+    tensorboard: bool = _option(
+        False,
+        "also write TensorBoard scalars to WORKDIR/tb (needs pip install 'attnjax[tensorboard]'; no TensorFlow)",
+    )
+    log_every_steps: int = _option(
+        50, "with --tensorboard: log the train loss, learning rate and images/s every N optimizer steps"
+    )
+    profile_steps: str = _option(
+        "", "START:COUNT: write a jax.profiler trace of optimizer steps START.. to WORKDIR/profile ('': off)"
+    )
     distributed: bool = _option(
         False, "start jax.distributed (multi-host); on TPU pods and SLURM/Open MPI clusters it finds the rest itself"
     )

@@ -28,7 +28,7 @@ import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from attnjax import checkpoint, data, models, ops, optim, parallel, precision, xla_options
+from attnjax import checkpoint, data, metrics_writer, models, ops, optim, parallel, precision, profiling, xla_options
 from attnjax.checkpoint import CheckpointError
 from attnjax.config import Config
 from attnjax.preemption import Interrupted, Preemption
@@ -268,6 +268,11 @@ def check_config(config: Config) -> None:
         refuse("learning_rate", config.learning_rate, "use a finite number above 0, such as 1e-3 (the tutorial's)")
     if config.image_size < 0:
         refuse("image_size", config.image_size, "use 0 (keep the images' size) or a size in pixels")
+    if config.log_every_steps < 1:
+        refuse("log_every_steps", config.log_every_steps, "use a whole number of steps of at least 1")
+    profiling.parse_steps(config.profile_steps)
+    if config.tensorboard:
+        metrics_writer.check_available()
     if config.checkpoint_every_steps < 0:
         refuse("checkpoint_every_steps", config.checkpoint_every_steps, "use 0 (off) or a number of steps")
     if not (math.isfinite(config.checkpoint_every_minutes) and config.checkpoint_every_minutes >= 0):
@@ -447,6 +452,24 @@ def epoch_means(values: dict[str, list[float]]) -> dict[str, float]:
     return {k: float(np.mean(np.asarray(v, np.float64))) for k, v in values.items()}
 
 
+def run_eta(epoch_walls: list[float], remaining_epochs: int) -> float | None:
+    """Seconds the run's ``remaining_epochs`` will take, from the wall times of the epochs this process ran.
+
+    The first of them compiled the steps, so it counts only while it is the only one. ``None``
+    when no epoch remains.
+    """
+    if remaining_epochs <= 0 or not epoch_walls:
+        return None
+    steady = epoch_walls[1:] or epoch_walls
+    return remaining_epochs * sum(steady) / len(steady)
+
+
+def format_duration(seconds: float) -> str:
+    """``H:MM:SS``, as a run's ETA prints."""
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
+
+
 GUARD_LAG = 2  # the NaN guard reads the flag of the step this many steps back: finished, so the read never waits
 RECORDED_METRICS = ("loss", "accuracy")
 
@@ -486,6 +509,12 @@ def train_and_evaluate(
     augment = data.resolve_augment(config.augment, dataset)
     update_batch = config.batch_size * config.grad_accum  # examples per optimizer update
     steps_per_epoch = data.pipeline.steps_per_epoch(len(dataset.train), update_batch)
+    profile_steps = profiling.parse_steps(config.profile_steps)
+    if profile_steps and profile_steps[0] > config.epochs * steps_per_epoch:
+        raise InputError(
+            f"--profile-steps {config.profile_steps} starts after the run's last step: it has "
+            f"{config.epochs * steps_per_epoch} steps ({steps_per_epoch} per epoch); choose a START up to that"
+        )
     model = create_model(config, dataset.num_classes)
     # ``schedule`` gives the learning rate of any step: optim.learning_rate_at(schedule, step).
     schedule = learning_rate_schedule(
@@ -640,10 +669,35 @@ def train_and_evaluate(
         tick += 1
         return preemption.requested(tick)
 
+    # TensorBoard (process 0) and the profiler; a run that had already finished writes nothing new.
+    writer = metrics_writer.create(workdir, config.tensorboard and leader and epoch <= config.epochs, global_step + 1)
+    profiler = profiling.StepProfiler(workdir, profile_steps)
+    window, window_start = [], (global_step, time.perf_counter())  # the steps since the last TensorBoard log
+    epoch_walls = []  # wall seconds of each epoch this process ran, evaluation included: the run's ETA
+
+    def log_steps():
+        """TensorBoard: the window's mean train loss and accuracy, the step's learning rate, images/s."""
+        nonlocal window, window_start
+        values = jax.device_get(window)  # waits for the last step: the window's time is then its work's
+        now = time.perf_counter()
+        steps, seconds = global_step - window_start[0], now - window_start[1]
+        writer.scalars(
+            global_step,
+            {
+                "train/loss": np.mean([float(v["loss"]) for v in values]),
+                "train/accuracy": np.mean([float(v["accuracy"]) for v in values]),
+                # The rate this step's update applied: optax counts updates from 0.
+                "train/learning_rate": optim.learning_rate_at(schedule, global_step - 1),
+                "train/images_per_second": steps * update_batch / seconds,
+            },
+        )
+        window, window_start = [], (global_step, now)
+
     try:
         with preemption:
             while epoch <= config.epochs:
-                start = time.perf_counter()
+                start = epoch_began = time.perf_counter()
+                window, window_start = [], (global_step, start)
                 if batch < steps_per_epoch:
                     batches = data.pipeline.train_batches(
                         dataset,
@@ -664,10 +718,16 @@ def train_and_evaluate(
                         disable=None if leader else True,
                     ) as bar:
                         for device_batch in parallel.to_devices(batches, devices, kind=config.parallel):
+                            profiler.before_step(global_step + 1)
                             state, metrics = p_train_step(state, device_batch)
                             pending.append(metrics)
                             global_step, batch, tick = global_step + 1, batch + 1, tick + 1
                             progress.update(global_step)
+                            profiler.after_step(global_step, (state, metrics))
+                            if writer.enabled:
+                                window.append(metrics)
+                                if global_step % config.log_every_steps == 0:
+                                    log_steps()
                             bar.update()
                             if len(pending) > GUARD_LAG and not pending[-1 - GUARD_LAG]["finite"]:
                                 diverged(global_step - GUARD_LAG)
@@ -709,19 +769,38 @@ def train_and_evaluate(
                     # Variables first: a metrics line then always has the model it describes beside it.
                     checkpoint.save_variables(workdir, state.variables())
                     write_json_line(metrics_path, record)
+                writer.scalars(
+                    global_step,
+                    {
+                        "test/loss": test["loss"],
+                        "test/accuracy": test["accuracy"],
+                        "epoch/train_loss": train["loss"],
+                        "epoch/train_accuracy": train["accuracy"],
+                        "epoch/images_per_second": record["images_per_second"],
+                        "epoch/epoch": record["epoch"],
+                    },
+                )
+                writer.flush()
+                epoch_walls.append(time.perf_counter() - epoch_began)
+                eta = run_eta(epoch_walls, config.epochs - record["epoch"])
                 say(
                     f"epoch {record['epoch']:>3}/{config.epochs}  train loss {record['train_loss']:.4f} "
                     f"acc {record['train_accuracy']:.4f}  test loss {record['test_loss']:.4f} "
-                    f"acc {record['test_accuracy']:.4f}  {record['images_per_second']:,.0f} img/s",
+                    f"acc {record['test_accuracy']:.4f}  {record['images_per_second']:,.0f} img/s"
+                    + (f"  run ETA {format_duration(eta)}" if eta is not None else ""),
                     flush=True,
                 )
     except BaseException:
+        writer.close()  # flushes what was logged, up to the failure
         progress.close()
         try:
             checkpoints.close()  # the last asynchronous save is kept even when training stops on an error
         except CheckpointError as error:
             say(f"attnjax: {error}", file=sys.stderr, flush=True)
+        profiler.stop()  # a trace the failure cut short is still written
         raise
+    profiler.stop()
+    writer.close()
     progress.close()
     checkpoints.close()  # waits for the last asynchronous save; raises if it failed
     last = history[-1]  # check_config requires epochs >= 1, so there is at least one
