@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         if field.type is bool:
             parser.add_argument(flag, action="store_true", help=field.metadata["help"])
             continue
+        if field.type is tuple:  # repeatable KEY=VALUE options
+            parser.add_argument(flag, action="append", default=[], help=field.metadata["help"], metavar="KEY=VALUE")
+            continue
         choices = CHOICES[field.name]() if field.name in CHOICES else None
         help_text = field.metadata["help"] + (f"; one of: {', '.join(choices)}" if choices else "")
         parser.add_argument(
@@ -71,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str, bool]:
     """The config, the workdir and whether to continue a run found there."""
     args = vars(build_parser().parse_args(argv))
     workdir, resume = args.pop("workdir"), not args.pop("no_resume")
-    config = Config(**args)
+    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     if workdir is None:
         dataset = config.dataset.replace(data.FOLDER_PREFIX, "").strip("/").replace("/", "_")
         workdir = f"runs/{dataset}-{config.model}-{config.block}-{time.strftime('%Y%m%d-%H%M%S')}"

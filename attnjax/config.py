@@ -20,6 +20,14 @@ class Config:
     )
     model: str = _option("attention_net", "network that hosts the attention block")
     block: str = _option("seed", "attention block inside the model ('none' for the baseline)")
+    block_option: tuple = _option(
+        (),
+        "an option of the block as KEY=VALUE, repeatable: --block cbam --block-option reduction=8 "
+        "--block-option kernel_size=5 (python -m attnjax.blocks --options lists them)",
+    )
+    model_option: tuple = _option(
+        (), "an option of the model as KEY=VALUE, repeatable: --model resnet18 --model-option stem=imagenet"
+    )
     epochs: int = _option(12, "passes over the training set")
     batch_size: int = _option(128, "global batch size, split evenly over all local devices")
     learning_rate: float = _option(1e-3, "learning rate (Adam: the tutorial's 1e-3); the peak with a schedule")
@@ -94,7 +102,11 @@ class Config:
         which is what that run trained with.
         """
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
-        saved = {name: other.get(name, defaults[name]) for name in TRAJECTORY_FIELDS}
+        # JSON turns tuples into lists: compare repeatable options as tuples.
+        saved = {
+            name: tuple(value) if isinstance(value, list) else value
+            for name, value in ((name, other.get(name, defaults[name])) for name in TRAJECTORY_FIELDS)
+        }
         return [
             f"--{name.replace('_', '-')}: the run has {saved[name]!r}, this command {getattr(self, name)!r}"
             for name in TRAJECTORY_FIELDS
@@ -108,6 +120,8 @@ TRAJECTORY_FIELDS = (
     "dataset",
     "model",
     "block",
+    "block_option",
+    "model_option",
     "seed",
     "batch_size",
     "learning_rate",

@@ -28,7 +28,19 @@ import optax
 from flax.training import train_state
 from tqdm.auto import tqdm
 
-from attnjax import checkpoint, data, metrics_writer, models, ops, optim, parallel, precision, profiling, xla_options
+from attnjax import (
+    blocks,
+    checkpoint,
+    data,
+    metrics_writer,
+    models,
+    ops,
+    optim,
+    parallel,
+    precision,
+    profiling,
+    xla_options,
+)
 from attnjax.checkpoint import CheckpointError
 from attnjax.config import Config
 from attnjax.preemption import Interrupted, Preemption
@@ -59,9 +71,28 @@ class TrainingDiverged(FloatingPointError):
 
 
 def create_model(config: Config, num_classes: int) -> nn.Module:
-    """``config``'s model; its layers compute in ``config.dtype`` (parameters stay float32)."""
+    """``config``'s model with its ``--model-option``s, hosting ``config.block`` with its ``--block-option``s.
+
+    Its layers and blocks compute in ``config.dtype`` (parameters stay float32).
+    """
     dtype = precision.compute_dtype(config.dtype)
-    return models.create(config.model, num_classes=num_classes, block=config.block, dtype=dtype)
+    block_options, model_options = parse_block_and_model_options(config)
+    return models.create(
+        config.model,
+        num_classes=num_classes,
+        block=config.block,
+        block_options=block_options,
+        dtype=dtype,
+        **model_options,
+    )
+
+
+def parse_block_and_model_options(config: Config) -> tuple[dict, dict]:
+    """``--block-option`` and ``--model-option`` as typed dicts, checked against the block's and model's fields."""
+    if config.block_option and config.block == models.NO_BLOCK:
+        raise InputError("--block-option needs an attention block: --block none has no options")
+    block_options = blocks.parse_options(config.block, config.block_option) if config.block_option else {}
+    return block_options, models.parse_model_options(config.model, config.model_option)
 
 
 SCHEDULES = optim.SCHEDULES
@@ -312,6 +343,7 @@ def check_config(config: Config) -> None:
     for name, valid in names.items():
         if getattr(config, name) not in valid:
             refuse(name, getattr(config, name), f"valid: {', '.join(valid)}")
+    parse_block_and_model_options(config)
 
 
 def _read_config(workdir: str) -> dict | None:

@@ -88,3 +88,8 @@ def test_flops_count_the_blocks_math_not_a_cpu_formulations():
     with ops.use_formulations(grouped_conv="block_diagonal"):
         step = jax.jit(cost.train_step_fn(block, variables)).lower(variables["params"], x).compile()
     assert sk_cost.train_flops < cost.flops_of(step) / 4
+
+
+def test_options_lists_every_blocks_options_and_defaults(capsys):
+    assert cost.main(["--options", "--blocks", "cbam,softmax"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["cbam: reduction=16, kernel_size=7", "softmax: (none)"]

@@ -110,7 +110,7 @@ def test_unknown_or_badly_typed_options_name_the_valid_ones():
         models.create("attention_net", num_classes=10, block="cbam", block_options={"reduce": 8})
     with pytest.raises(ValueError, match=r"model 'resnet18' has no option stems; its options: .*stem='cifar'"):
         models.create("resnet18", num_classes=10, stems="imagenet")
-    with pytest.raises(ValueError, match=r"kernel_size: 'big' is not a int"):
+    with pytest.raises(ValueError, match=r"kernel_size: 'big' is not an integer"):
         blocks.parse_options("cbam", ["kernel_size=big"])
     with pytest.raises(ValueError, match=r"not key=value"):
         blocks.parse_options("cbam", ["reduction"])

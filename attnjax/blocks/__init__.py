@@ -108,7 +108,8 @@ def _parse_value(text: str, default, where: str):
         if isinstance(default, tuple):
             return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        kind = "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
+        kinds = {bool: "true or false", int: "an integer", float: "a number", type(None): "a number or none"}
+        kind = kinds.get(type(default), type(default).__name__)
         shown = "comma-separated integers such as 1,2" if isinstance(default, tuple) else kind
         raise InputError(f"{where}: {text!r} is not {shown} (the default is {default!r})") from None
     return text

@@ -272,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated block names, from: {', '.join(registry.names())}",
     )
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument(
+        "--options",
+        action="store_true",
+        help="list each block's options and defaults (what --block-option sets in training) instead of measuring",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the input and the parameters")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -284,6 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if n not in registry.names()]
     if unknown or not names:
         parser.error(f"unknown block(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(registry.names())}")
+    if args.options:
+        for name in names:
+            listed = ", ".join(f"{k}={v!r}" for k, v in registry.options(name).items()) or "(none)"
+            print(f"{name}: {listed}")
+        return 0
     for option in ("channels", "height", "width", "batch", "repeats"):
         if getattr(args, option) < 1:
             parser.error(f"--{option} must be >= 1, got {getattr(args, option)}")
