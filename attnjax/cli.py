@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -43,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         if field.type is bool:
             parser.add_argument(flag, action="store_true", help=field.metadata["help"])
             continue
-        if field.type is tuple:  # repeatable KEY=VALUE options
-            parser.add_argument(flag, action="append", default=[], help=field.metadata["help"], metavar="KEY=VALUE")
+        if field.type is tuple:  # repeatable KEY=VALUE options; None: not given (a --config file's value stands)
+            parser.add_argument(flag, action="append", default=None, help=field.metadata["help"], metavar="KEY=VALUE")
             continue
         choices = CHOICES[field.name]() if field.name in CHOICES else None
         help_text = field.metadata["help"] + (f"; one of: {', '.join(choices)}" if choices else "")
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_text,
             metavar=field.name.upper(),
         )
+    parser.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="start from the options in FILE: a run's config.json (to replay it: the same metrics.jsonl, timing "
+        "aside) or a JSON object of option names and values; options given on the command line override it",
+    )
     parser.add_argument(
         "--no-resume",
         action="store_true",
@@ -70,11 +78,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_config_file(path: str) -> dict:
+    """The option values in ``path``: a run's ``config.json`` (its ``config`` object) or a flat JSON object."""
+    try:
+        with open(path) as file:
+            data = json.load(file)
+    except (OSError, ValueError) as error:
+        raise InputError(
+            f"--config {path} cannot be read ({error}); give a run's config.json or a JSON object"
+        ) from None
+    fields = data.get("config", data) if isinstance(data, dict) else None
+    if not isinstance(fields, dict):
+        raise InputError(f'--config {path} holds no JSON object of options, such as {{"block": "se"}}')
+    known = [field.name for field in dataclasses.fields(Config)]
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        raise InputError(f"--config {path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(known)}")
+    return fields
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[Config, str, bool]:
-    """The config, the workdir and whether to continue a run found there."""
-    args = vars(build_parser().parse_args(argv))
+    """The config, the workdir and whether to continue a run found there.
+
+    With ``--config FILE`` the file's values replace the defaults, and the options given on the
+    command line replace the file's.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from_file = {}
+    if args.config:
+        try:
+            from_file = load_config_file(args.config)
+        except InputError as error:
+            parser.error(str(error))
+        repeatable = {field.name for field in dataclasses.fields(Config) if field.type is tuple}
+        parser.set_defaults(**{k: v for k, v in from_file.items() if k not in repeatable})
+        args = parser.parse_args(argv)
+    args = vars(args)
     workdir, resume = args.pop("workdir"), not args.pop("no_resume")
-    config = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    args.pop("config")
+    for field in dataclasses.fields(Config):
+        if field.type is tuple:  # a repeatable option: the command line's values, else the file's, else none
+            given = args[field.name]
+            args[field.name] = tuple(from_file.get(field.name, ()) if given is None else given)
+    config = Config(**args)
     if workdir is None:
         dataset = config.dataset.replace(data.FOLDER_PREFIX, "").strip("/").replace("/", "_")
         workdir = f"runs/{dataset}-{config.model}-{config.block}-{time.strftime('%Y%m%d-%H%M%S')}"
