@@ -113,3 +113,22 @@ def test_batch_that_does_not_split_is_a_one_line_error(tmp_path):
     assert "error: batch size 100 does not split over 8 devices: use a multiple of 8" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_python_m_attnjax_train_imports_the_training_module_once_and_no_cycle():
+    """``python -m attnjax.train`` runs a small ``__main__``: the training module is loaded once, as attnjax.train."""
+    script = (
+        "import runpy, sys\n"
+        "sys.argv = ['attnjax.train', '--help']\n"
+        "try:\n"
+        "    runpy.run_module('attnjax.train', run_name='__main__', alter_sys=True)\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "main = sys.modules['__main__']\n"
+        "print(hasattr(main, 'train_and_evaluate'), hasattr(sys.modules['attnjax.train'], 'train_and_evaluate'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False True"
+    training = (Path(__file__).parents[1] / "attnjax" / "train" / "__init__.py").read_text()
+    assert "attnjax.cli" not in training.replace("(see :mod:`attnjax.cli`", "")  # the CLI imports training, not back

@@ -840,9 +840,3 @@ def train_and_evaluate(
         f"final test accuracy: {last['test_accuracy']:.4f} ({last['test_correct']}/{last['test_examples']})", flush=True
     )
     return state, history
-
-
-if __name__ == "__main__":
-    from attnjax.cli import main
-
-    main()
