@@ -114,18 +114,3 @@ def test_unknown_or_badly_typed_options_name_the_valid_ones():
         blocks.parse_options("cbam", ["kernel_size=big"])
     with pytest.raises(ValueError, match=r"not key=value"):
         blocks.parse_options("cbam", ["reduction"])
-
-
-@pytest.mark.parametrize("name", blocks.names())
-def test_every_block_takes_its_options_from_key_value_text(name):
-    """Each documented option, given back as text at its default value, builds the same block."""
-
-    def text(value):
-        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
-    defaults = blocks.options(name)
-    parsed = blocks.parse_options(name, [f"{k}={text(v)}" for k, v in defaults.items()])
-    assert parsed == defaults
-    x = jnp.ones((1, 4, 4, 8))
-    net = models.create("attention_net", num_classes=3, block=name, block_options=parsed)
-    assert net.apply(net.init(jax.random.key(0), x), x).shape == (1, 3)

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from attnjax import train
+from attnjax import blocks, train
 from attnjax.cli import parse_args
 from attnjax.validate import InputError
 
@@ -51,3 +51,22 @@ def test_bad_options_name_the_valid_ones(argv, message):
     config, _, _ = parse_args([*argv, "--workdir", "unused"])
     with pytest.raises(InputError, match=message):
         train.check_config(config)
+
+
+@pytest.mark.parametrize("name", blocks.names())
+def test_every_block_takes_its_documented_options_through_block_option(name):
+    """``--block NAME --block-option KEY=VALUE`` for every option ``python -m attnjax.blocks --options`` lists."""
+
+    def text(value):
+        return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+    defaults = blocks.options(name)
+    argv = ["--block", name, "--workdir", "unused"]
+    for key, value in defaults.items():
+        argv += ["--block-option", f"{key}={text(value)}"]
+    config, _, _ = parse_args(argv)
+    train.check_config(config)
+    net = train.create_model(config, 3)
+    assert net.block.keywords == defaults
+    x = jnp.ones((1, 4, 4, 8))
+    assert net.apply(net.init(jax.random.key(0), x), x).shape == (1, 3)
