@@ -75,3 +75,26 @@ def test_batch_norm_axis_name_is_a_plain_argument(devices):
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "attnjax.parallel" not in loaded and "attnjax.train" not in loaded, loaded
+
+
+def test_the_host_passes_its_axis_name_to_the_blocks_batch_norm(devices):
+    """A model's ``axis_name`` reaches its block's batch norms: set to the mapped axis, N devices equal one."""
+    from attnjax import models
+
+    x = np.random.default_rng(2).normal(size=(16, 4, 4, 3)).astype(np.float32) + np.arange(16)[:, None, None, None]
+
+    def outputs(axis_name, mapped):
+        net = models.create("attention_net", num_classes=3, block="coord", axis_name=axis_name)
+        variables = net.init(jax.random.key(0), x[:1])
+
+        def apply(v, b):
+            return net.apply(v, b, train=True, mutable=["batch_stats"])[0]
+
+        if not mapped:
+            return apply(variables, x)
+        stacked = x.reshape(len(devices), -1, *x.shape[1:])
+        return jax.pmap(apply, axis_name="devices", in_axes=(None, 0))(variables, stacked).reshape(16, 3)
+
+    single = outputs("devices", mapped=False)
+    np.testing.assert_allclose(outputs("devices", mapped=True), single, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(outputs(None, mapped=True), single, atol=1e-4)  # per-device statistics

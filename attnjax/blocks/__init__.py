@@ -37,6 +37,7 @@ from attnjax.blocks.simam import SimAMAttention
 from attnjax.blocks.sk import SelectiveKernelAttention
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
 from attnjax.blocks.triplet import TripletAttention
+from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError
 
 _REGISTRY: dict[str, type[nn.Module]] = {
@@ -62,7 +63,7 @@ def names() -> list[str]:
 
 
 # Fields every flax Module has, and the ones a host sets per site: not block options.
-_NOT_OPTIONS = {"parent", "name", "dtype"}
+_NOT_OPTIONS = {"parent", "name", "dtype", "axis_name"}
 
 
 def _block_class(name: str) -> type[nn.Module]:
@@ -141,8 +142,8 @@ def factory(name: str, **given) -> functools.partial:
     return functools.partial(_block_class(name), **given)
 
 
-def build(block, *, name: str, dtype) -> nn.Module | None:
-    """One block for one site of a host: from a factory (given the host's ``dtype`` when it takes one).
+def build(block, *, name: str, dtype, axis_name: str | None = BATCH_AXIS) -> nn.Module | None:
+    """One block for one site of a host: from a factory, given the host's ``dtype`` and batch-norm ``axis_name``.
 
     A built module (a host's field) is returned as it is; a host with several sites gives each
     site's sub-host its own ``copy(parent=None)`` of it.
@@ -152,9 +153,10 @@ def build(block, *, name: str, dtype) -> nn.Module | None:
     if isinstance(block, nn.Module):
         return block  # a module given as the host's field is already the host's own child
     cls = block.func if isinstance(block, functools.partial) else block
-    takes_dtype = isinstance(cls, type) and "dtype" in {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     given = block.keywords if isinstance(block, functools.partial) else {}
-    return block(name=name, **({"dtype": dtype} if takes_dtype and "dtype" not in given else {}))
+    host = {"dtype": dtype, "axis_name": axis_name}
+    return block(name=name, **{k: v for k, v in host.items() if k in fields and k not in given})
 
 
 def create(name: str, **options) -> nn.Module:

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax
 
 from attnjax.blocks.primitives import global_avg_pool, reduced_channels
-from attnjax.layers import batch_norm
+from attnjax.layers import BATCH_AXIS, batch_norm
 from attnjax.validate import InputError, check_nhwc
 
 
@@ -63,6 +63,7 @@ class BAM(nn.Module):
     reduction: int = 16
     dilation: int = 4
     dtype: Any = None
+    axis_name: str | None = BATCH_AXIS  # batch-norm synchronisation axis (Flax's), used where bound; set by the host
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -73,7 +74,7 @@ class BAM(nn.Module):
         hidden = reduced_channels(channels, self.reduction)
 
         def bn(name):
-            return batch_norm(train, dtype=self.dtype, name=name)
+            return batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name=name)
 
         mc = nn.Dense(hidden, dtype=self.dtype, name="channel_reduce")(global_avg_pool(x))
         mc = nn.relu(bn("channel_reduce_bn")(mc))

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.blocks.primitives import reduced_channels
-from attnjax.layers import batch_norm
+from attnjax.layers import BATCH_AXIS, batch_norm
 from attnjax.validate import check_nhwc
 
 
@@ -74,6 +74,7 @@ class CoordinateAttention(nn.Module):
 
     reduction: int = 32
     dtype: Any = None
+    axis_name: str | None = BATCH_AXIS  # batch-norm synchronisation axis (Flax's), used where bound; set by the host
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -83,7 +84,7 @@ class CoordinateAttention(nn.Module):
 
         f = stack_directions(*directional_pool(x))
         f = nn.Conv(mip, (1, 1), dtype=self.dtype, name="reduce")(f)
-        f = h_swish(batch_norm(train, dtype=self.dtype, name="bn")(f))
+        f = h_swish(batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="bn")(f))
         f_h, f_w = split_directions(f, height)
         logits_h = nn.Conv(channels, (1, 1), dtype=self.dtype, name="expand_h")(f_h)
         logits_w = nn.Conv(channels, (1, 1), dtype=self.dtype, name="expand_w")(f_w)

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.blocks.primitives import reduced_channels
-from attnjax.layers import batch_norm
+from attnjax.layers import BATCH_AXIS, batch_norm
 from attnjax.ops.grouped_conv import grouped_conv
 from attnjax.validate import InputError, check_nhwc
 
@@ -77,6 +77,7 @@ class SelectiveKernelAttention(nn.Module):
     reduction: int = 16
     min_channels: int = 32  # the paper's L
     dtype: Any = None
+    axis_name: str | None = BATCH_AXIS  # batch-norm synchronisation axis (Flax's), used where bound; set by the host
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -103,12 +104,12 @@ class SelectiveKernelAttention(nn.Module):
                 conv_general_dilated=grouped_conv,
                 name=f"conv_{m}",
             )(x)
-            branches.append(nn.relu(batch_norm(train, dtype=self.dtype, name=f"bn_{m}")(u)))
+            branches.append(nn.relu(batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name=f"bn_{m}")(u)))
         branches = jnp.stack(branches, axis=-1)
 
         s = jnp.mean(jnp.sum(branches, axis=-1), axis=(1, 2), keepdims=True)
         z = nn.Dense(hidden, use_bias=False, dtype=self.dtype, name="fuse")(s)
-        z = nn.relu(batch_norm(train, dtype=self.dtype, name="fuse_bn")(z))
+        z = nn.relu(batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="fuse_bn")(z))
         logits = jnp.stack(
             [
                 nn.Dense(channels, use_bias=False, dtype=self.dtype, name=f"select_{m}")(z)

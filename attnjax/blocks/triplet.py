@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.layers import batch_norm
+from attnjax.layers import BATCH_AXIS, batch_norm
 from attnjax.ops.single_output_conv import single_output_conv
 from attnjax.validate import InputError, check_nhwc
 
@@ -87,6 +87,7 @@ class TripletAttention(nn.Module):
     kernel_size: int = 7
     no_spatial: bool = False
     dtype: Any = None
+    axis_name: str | None = BATCH_AXIS  # batch-norm synchronisation axis (Flax's), used where bound; set by the host
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -109,7 +110,7 @@ class TripletAttention(nn.Module):
                 conv_general_dilated=single_output_conv,
                 name=f"{branch}_conv",
             )(z_pool(rotate(x, branch)))
-            t = batch_norm(train, momentum=0.99, dtype=self.dtype, name=f"{branch}_bn")(t)
+            t = batch_norm(train, axis_name=self.axis_name, momentum=0.99, dtype=self.dtype, name=f"{branch}_bn")(t)
             gate = rotate_back(jax.nn.sigmoid(t), branch)
             self.sow("intermediates", SOWN_NAMES[branch], gate)
             gates.append(gate)

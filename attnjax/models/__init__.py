@@ -72,7 +72,7 @@ def create(
 
 
 # Set by create itself or by the training loop, not model options.
-_NOT_MODEL_OPTIONS = {"parent", "name", "num_classes", "block", "dtype"}
+_NOT_MODEL_OPTIONS = {"parent", "name", "num_classes", "block", "dtype", "axis_name"}
 
 
 def model_options(name: str) -> dict[str, object]:
@@ -86,7 +86,7 @@ def model_options(name: str) -> dict[str, object]:
 
 def check_model_options(name: str, given: dict) -> None:
     valid = model_options(name)
-    unknown = sorted(set(given) - set(valid) - {"dtype"})
+    unknown = sorted(set(given) - set(valid) - {"dtype", "axis_name"})
     if unknown:
         listed = ", ".join(f"{k}={v!r}" for k, v in valid.items()) or "none"
         raise InputError(f"model {name!r} has no option {', '.join(unknown)}; its options: {listed}")

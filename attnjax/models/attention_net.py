@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import blocks
+from attnjax.layers import BATCH_AXIS
 from attnjax.validate import check_channels, check_nhwc
 
 TARGET_SIZE = 8  # the tutorial's fc1 expects 8x8 maps
@@ -64,6 +65,7 @@ class AttentionNet(nn.Module):
     num_classes: int = 10
     block: Callable[..., nn.Module] | nn.Module | None = None  # a factory (see attnjax.blocks.factory) or a module
     dtype: Any = jnp.float32
+    axis_name: str | None = BATCH_AXIS  # the block's batch-norm synchronisation axis: the step's caller maps over it
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -75,7 +77,7 @@ class AttentionNet(nn.Module):
         x = x.astype(self.dtype)
         x = nn.relu(nn.Conv(64, (3, 3), padding="SAME", dtype=self.dtype, name="conv1")(x))
         x = halve_axes_longer_than(x, TARGET_SIZE)
-        block = blocks.build(self.block, name="block", dtype=self.dtype)
+        block = blocks.build(self.block, name="block", dtype=self.dtype, axis_name=self.axis_name)
         if block is not None:
             x = block(x, train=train)
         x = nn.relu(nn.Conv(128, (3, 3), padding="SAME", dtype=self.dtype, name="conv2")(x))

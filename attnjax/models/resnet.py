@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import blocks
-from attnjax.layers import batch_norm
+from attnjax.layers import BATCH_AXIS, batch_norm
 from attnjax.validate import InputError, check_channels, check_nhwc
 
 STEMS = ("cifar", "imagenet")
@@ -58,23 +58,24 @@ class BasicBlock(nn.Module):
     block: Callable[..., nn.Module] | nn.Module | None = None  # a factory (see attnjax.blocks.factory) or a module
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
+    axis_name: str | None = BATCH_AXIS  # batch-norm synchronisation axis, passed on to the block
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         conv = dict(use_bias=False, dtype=self.dtype)
         y = nn.Conv(self.features, (3, 3), self.strides, padding=PAD_1, name="conv1", **conv)(x)
-        y = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(y))
+        y = nn.relu(batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="bn1")(y))
         y = nn.Conv(self.features, (3, 3), padding=PAD_1, name="conv2", **conv)(y)
         scale_init = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-        y = batch_norm(train, dtype=self.dtype, scale_init=scale_init, name="bn2")(y)
-        block = blocks.build(self.block, name="block", dtype=self.dtype)
+        y = batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, scale_init=scale_init, name="bn2")(y)
+        block = blocks.build(self.block, name="block", dtype=self.dtype, axis_name=self.axis_name)
         if block is not None:
             y = block(y, train=train)
 
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
             shortcut = nn.Conv(self.features, (1, 1), self.strides, padding="VALID", name="downsample_conv", **conv)(x)
-            shortcut = batch_norm(train, dtype=self.dtype, name="downsample_bn")(shortcut)
+            shortcut = batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="downsample_bn")(shortcut)
         return nn.relu(y + shortcut)
 
 
@@ -91,6 +92,7 @@ class ResNet(nn.Module):
     stem: str = "cifar"
     zero_init_residual: bool = False
     dtype: Any = jnp.float32
+    axis_name: str | None = BATCH_AXIS  # batch-norm synchronisation axis (Flax's): the step's caller maps over it
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -108,7 +110,7 @@ class ResNet(nn.Module):
             x = nn.Conv(64, (3, 3), padding=PAD_1, use_bias=False, dtype=self.dtype, name="conv1")(x)
         else:
             x = nn.Conv(64, (7, 7), 2, padding=((3, 3), (3, 3)), use_bias=False, dtype=self.dtype, name="conv1")(x)
-        x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
+        x = nn.relu(batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="bn1")(x))
         if self.stem == "imagenet":
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD_1)
 
@@ -124,6 +126,7 @@ class ResNet(nn.Module):
                     block=self.block.copy(parent=None) if isinstance(self.block, nn.Module) else self.block,
                     zero_init_residual=self.zero_init_residual,
                     dtype=self.dtype,
+                    axis_name=self.axis_name,
                     name=f"layer{stage}_{index}",
                 )(x, train=train)
 

@@ -83,6 +83,7 @@ def create_model(config: Config, num_classes: int) -> nn.Module:
         block=config.block,
         block_options=block_options,
         dtype=dtype,
+        axis_name=parallel.AXIS,  # batch norm synchronises over the axis the step is mapped over
         **model_options,
     )
 
