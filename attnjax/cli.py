@@ -33,13 +33,14 @@ CHOICES = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m attnjax.train",
-        description="Train an attention CNN and report test accuracy after every epoch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One ``--field-name`` option per :class:`Config` field (except those in ``skip``), with its help and default.
+
+    Repeatable fields (tuples) default to ``None``, meaning "not given" (see :func:`parse_args`).
+    """
     for field in dataclasses.fields(Config):
+        if field.name in skip:
+            continue
         flag = "--" + field.name.replace("_", "-")
         if field.type is bool:
             parser.add_argument(flag, action="store_true", help=field.metadata["help"])
@@ -57,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
             help=help_text,
             metavar=field.name.upper(),
         )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m attnjax.train",
+        description="Train an attention CNN and report test accuracy after every epoch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(parser)
     parser.add_argument(
         "--config",
         default=None,

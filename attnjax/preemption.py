@@ -41,12 +41,16 @@ class Preemption:
     def __init__(self):
         self.received: int | None = None  # the first signal received
         self._previous: dict[int, object] = {}
+        self._depth = 0  # re-entrant: a study holds one across its runs, and each run enters it again
 
     @property
     def distributed(self) -> bool:
         return jax.process_count() > 1
 
     def __enter__(self) -> Preemption:
+        self._depth += 1
+        if self._depth > 1:
+            return self  # already installed by an outer ``with``
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be installed from the main thread
         for signum in SIGNALS:
@@ -56,6 +60,9 @@ class Preemption:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()

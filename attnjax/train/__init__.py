@@ -515,6 +515,8 @@ def train_and_evaluate(
     resume: bool = True,
     preemption: Preemption | None = None,
     asynchronous_checkpoints: bool = True,
+    dataset: data.Dataset | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> tuple[TrainState, list[dict]]:
     """Train ``config.model`` on ``config.dataset``, evaluating every epoch; continue a run found in ``workdir``.
 
@@ -524,6 +526,8 @@ def train_and_evaluate(
     ``config.checkpoint_every_minutes`` minutes, and on SIGTERM/SIGINT (``preemption``), after
     which it raises :class:`Interrupted`. A workdir with a checkpoint continues from it and
     ends bit-identical to an uninterrupted run on the same number of devices.
+    ``dataset`` is ``config.dataset`` already loaded (a study loads it once for all its runs);
+    ``on_step(global_step)`` is called after each optimizer step is dispatched (a study's progress bar).
     Returns the final state and the per-epoch metrics.
     """
     check_config(config)
@@ -536,9 +540,10 @@ def train_and_evaluate(
     check_workdir(config, workdir, resume)
     say = print if leader else (lambda *args, **kwargs: None)
 
-    dataset = data.load(
-        config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size or None
-    )
+    if dataset is None:
+        dataset = data.load(
+            config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size or None
+        )
     augment = data.resolve_augment(config.augment, dataset)
     update_batch = config.batch_size * config.grad_accum  # examples per optimizer update
     steps_per_epoch = data.pipeline.steps_per_epoch(len(dataset.train), update_batch)
@@ -756,6 +761,8 @@ def train_and_evaluate(
                             pending.append(metrics)
                             global_step, batch, tick = global_step + 1, batch + 1, tick + 1
                             progress.update(global_step)
+                            if on_step is not None:
+                                on_step(global_step)
                             profiler.after_step(global_step, (state, metrics))
                             if writer.enabled:
                                 window.append(metrics)
