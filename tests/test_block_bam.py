@@ -29,6 +29,7 @@ from torch_reference import (
 
 from attnjax import blocks
 from attnjax.blocks.bam import BAM, bam_attention
+from attnjax.layers import flax_running_var
 
 TOL = 1e-5
 PROPERTY_SHAPES = [(2, 8, 8, 64), (1, 7, 7, 16), (3, 1, 1, 32), (2, 5, 9, 24), (2, 3, 4, 20)]
@@ -171,3 +172,41 @@ def test_wrong_rank_names_the_expected_layout(shape):
 def test_bad_options_are_rejected(options, message):
     with pytest.raises(ValueError, match=message):
         BAM(**options).init(jax.random.key(0), jnp.zeros((1, 4, 4, 8)))
+
+
+def test_running_variances_trained_a_step_in_each_framework_agree_after_the_correction():
+    """Flax's BNs keep the biased batch variance, PyTorch's the unbiased one: n/(n-1), 2x on the channel branch here.
+
+    ``torch_state_with_stats(..., running_var_count=, steps=)`` converts Flax's to what PyTorch's training stores.
+    """
+    shape = (2, 6, 5, 16)
+    x, block, variables, reference = setup(shape, seed=7)
+    fresh = jax.tree.map(
+        lambda s: {"mean": np.zeros_like(s["mean"]), "var": np.ones_like(s["var"])},
+        variables["batch_stats"],
+        is_leaf=lambda s: "var" in s,
+    )
+    variables = {**variables, "batch_stats": fresh}  # both frameworks start from a fresh BN's statistics
+    reference.load_state_dict(torch_state_with_stats(variables), strict=True)
+    x, variables = jax.tree.map(lambda a: a.astype(np.float64), (x, variables))
+    with jax.enable_x64(True):
+        _, state = jax.jit(partial(block.apply, train=True, mutable=["batch_stats"]))(variables, x)
+    with torch.no_grad():
+        reference.double().train()(nhwc_to_nchw(x))
+
+    n, h, w, _ = shape
+
+    def count(name):  # values per channel each BN averages: the channel branch sees (N, 1, 1, C) maps
+        return n if name.startswith("channel") else n * h * w
+
+    trained = {**variables, "batch_stats": state["batch_stats"]}
+    want = reference.state_dict()
+    plain = torch_state_with_stats(trained)
+    corrected = torch_state_with_stats(trained, running_var_count=count, steps=1)
+    for name in state["batch_stats"]:
+        key = f"{name}.running_var"
+        np.testing.assert_allclose(corrected[key], want[key], rtol=TOL, atol=TOL)
+        assert not np.allclose(plain[key], want[key], rtol=TOL, atol=TOL)  # the uncorrected copy differs
+        assert int(corrected[f"{name}.num_batches_tracked"]) == int(want[f"{name}.num_batches_tracked"]) == 1
+        back = flax_running_var(want[key].numpy(), count(name), steps=1)
+        np.testing.assert_allclose(back, state["batch_stats"][name]["var"], rtol=TOL, atol=TOL)

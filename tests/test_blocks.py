@@ -91,7 +91,9 @@ def test_seed_block_bottleneck_width_follows_reduction():
 
 def test_registry_lists_and_creates_blocks():
     catalogue = {"se", "eca", "cbam", "bam", "gc", "nonlocal", "coord", "simam", "sk", "triplet", "mhsa"}
-    assert set(blocks.names()) == catalogue | {"seed", "softmax"}
+    timm = {"ese", "ecam", "ceca", "ge", "gca", "lcbam", "splat", "lambda", "bottleneck", "halo"}
+    external_attention = {"external", "psa", "shuffle", "danet", "criss_cross", "axial"}
+    assert set(blocks.names()) == catalogue | timm | external_attention | {"seed", "softmax"}
     assert blocks.names() == sorted(blocks.names())
     assert isinstance(blocks.create("seed", reduction=4), SeedAttention)
     assert blocks.create("seed", reduction=4).reduction == 4
@@ -100,7 +102,8 @@ def test_registry_lists_and_creates_blocks():
 
 def test_unknown_block_name_lists_valid_names():
     with pytest.raises(
-        ValueError, match=r"unknown attention block 'sse'; valid names: bam, cbam, .*seed, simam, sk, softmax, triplet"
+        ValueError,
+        match=r"unknown attention block 'sse'; valid names: axial, bam, .*, splat, triplet",
     ):
         blocks.create("sse")
 

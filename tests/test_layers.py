@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from attnjax import parallel
 from attnjax.layers import axis_is_bound, batch_norm
@@ -98,3 +99,46 @@ def test_the_host_passes_its_axis_name_to_the_blocks_batch_norm(devices):
     single = outputs("devices", mapped=False)
     np.testing.assert_allclose(outputs("devices", mapped=True), single, rtol=1e-4, atol=1e-5)
     assert not np.allclose(outputs(None, mapped=True), single, atol=1e-4)  # per-device statistics
+
+
+class MomentumNorm(nn.Module):
+    momentum: float
+
+    @nn.compact
+    def __call__(self, x, train):
+        return batch_norm(train, momentum=self.momentum)(x)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1, 4), (3, 4, 5, 4)])  # n = 2 values per channel (BAM's, SK's FCs), 60
+@pytest.mark.parametrize("momentum", [0.9, 0.99])  # the blocks' default and triplet's
+def test_running_var_conversion_matches_a_torch_batch_norm_trained_on_the_same_batches(shape, momentum):
+    """Flax keeps the biased batch variance in its running average, PyTorch the unbiased one; the helpers convert."""
+    import torch
+
+    from attnjax.layers import flax_running_var, torch_running_var
+
+    rng = np.random.default_rng(3)
+    batches = [(rng.normal(size=shape) * 2 + 1).astype(np.float32) for _ in range(3)]
+    norm = MomentumNorm(momentum)
+    variables = norm.init(jax.random.key(0), batches[0], train=False)
+    reference = torch.nn.BatchNorm2d(shape[-1], momentum=1 - momentum).train()
+    for x in batches:
+        y, state = norm.apply(variables, x, train=True, mutable=["batch_stats"])
+        variables = {**variables, **state}
+        with torch.no_grad():
+            expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)  # outputs agree
+
+    n, steps = int(np.prod(shape[:-1])), len(batches)
+    flax_var, torch_var = np.asarray(variables["batch_stats"]["BatchNorm_0"]["var"]), reference.running_var.numpy()
+    assert int(reference.num_batches_tracked) == steps
+    assert not np.allclose(flax_var, torch_var, rtol=1e-3)  # the running variances do not
+    convert = {"count": n, "steps": steps, "momentum": momentum}
+    np.testing.assert_allclose(torch_running_var(flax_var, **convert), torch_var, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(flax_running_var(torch_var, **convert), flax_var, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        variables["batch_stats"]["BatchNorm_0"]["mean"], reference.running_mean.numpy(), rtol=1e-5, atol=1e-6
+    )
+    # Long-run limit (steps=None): the ratio n / (n - 1), once the start has faded.
+    np.testing.assert_allclose(torch_running_var(flax_var, n) / flax_var, n / (n - 1), rtol=1e-6)
+    np.testing.assert_allclose(flax_running_var(torch_running_var(flax_var, n), n), flax_var, rtol=1e-6)

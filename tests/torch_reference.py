@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnjax.layers import torch_running_var
+
 
 class TorchSeedAttention(nn.Module):
     """x * sigmoid(conv1x1(relu(conv1x1(x)))), bottleneck max(C // r, min(C, 8))."""
@@ -154,28 +156,39 @@ def random_variables(block, x, seed=0, scale_range=(0.5, 1.5)) -> dict:
     return jax.tree_util.tree_map_with_path(draw, jax.eval_shape(block.init, jax.random.key(0), x))
 
 
-def torch_state_with_stats(variables, module_name=lambda name: name) -> dict[str, torch.Tensor]:
+def torch_state_with_stats(
+    variables, module_name=lambda name: name, *, running_var_count=None, steps: int | None = None
+) -> dict[str, torch.Tensor]:
     """Flax params and batch_stats as a PyTorch state dict: BN scale -> weight, mean/var -> running_mean/var.
 
     ``module_name`` maps a Flax module path ("cw_conv") to the PyTorch one ("cw.conv").
+
+    Running variances are copied as they are by default, so that PyTorch normalises exactly as Flax
+    in evaluation. Flax's running average takes in the biased batch variance, PyTorch's the unbiased
+    one: to get the running variance PyTorch's own training would have stored instead, give
+    ``running_var_count``, a function of the Flax module path ("channel_bn") returning the number
+    of values per channel that BN averaged in each batch (N*H*W; N on a 1 x 1 map), and ``steps``,
+    the training steps taken from a fresh BN (written as ``num_batches_tracked``; None: the long-run
+    ratio count / (count - 1)). See :func:`attnjax.layers.torch_running_var`.
     """
     renames = {"scale": "weight", "mean": "running_mean", "var": "running_var"}
     state = {}
     for collection in ("params", "batch_stats"):
         for name, value in flax_to_torch_state(variables.get(collection, {})).items():
-            module, key = name.rsplit(".", 1)
-            module = module_name(module)
+            flax_module, key = name.rsplit(".", 1)
+            module = module_name(flax_module)
+            if key == "var" and running_var_count is not None:
+                value = torch_running_var(value, running_var_count(flax_module), steps=steps, momentum=BN_MOMENTUM)
             state[f"{module}.{renames.get(key, key)}"] = value
             if key == "mean":
-                state[f"{module}.num_batches_tracked"] = torch.tensor(0)
+                state[f"{module}.num_batches_tracked"] = torch.tensor(steps or 0)
     return state
 
 
 def pytorch_running_var(new, old, count):
-    """Flax's updated running variance as PyTorch would store it.
+    """Flax's running variance ``new``, one step on from ``old``, as PyTorch would store it.
 
     Both mix the batch variance into the running average with the same momentum, but PyTorch uses the
     unbiased batch variance (divided by count - 1) and Flax the biased one (divided by count).
     """
-    batch_var = (new - BN_MOMENTUM * old) / (1 - BN_MOMENTUM)
-    return BN_MOMENTUM * old + (1 - BN_MOMENTUM) * batch_var * count / (count - 1)
+    return torch_running_var(new, count, steps=1, momentum=BN_MOMENTUM, initial=old)

@@ -23,19 +23,35 @@ import functools
 
 import flax.linen as nn
 
+from attnjax.blocks.axial import AxialAttention
 from attnjax.blocks.bam import BAM
+from attnjax.blocks.bottleneck import BottleneckAttention
 from attnjax.blocks.cbam import CBAM
+from attnjax.blocks.ceca import CircularEfficientChannelAttention
 from attnjax.blocks.coord import CoordinateAttention
+from attnjax.blocks.criss_cross import CrissCrossAttention
+from attnjax.blocks.danet import DualAttention
 from attnjax.blocks.eca import EfficientChannelAttention
+from attnjax.blocks.ecam import EfficientChannelAttentionMLP
+from attnjax.blocks.ese import EffectiveSqueezeExcitation
+from attnjax.blocks.external import ExternalAttention
 from attnjax.blocks.gc import GlobalContext
+from attnjax.blocks.gca import GlobalContextGate
+from attnjax.blocks.ge import GatherExcite
+from attnjax.blocks.halo import HaloAttention
+from attnjax.blocks.lambda_layer import LambdaLayer
+from attnjax.blocks.lcbam import LightCBAM
 from attnjax.blocks.mhsa import MultiHeadSelfAttention
 from attnjax.blocks.non_local import NonLocalAttention
 from attnjax.blocks.primitives import global_avg_pool, reduced_channels, sigmoid_gate
+from attnjax.blocks.psa import PolarizedSelfAttention
 from attnjax.blocks.se import SqueezeExcitation
 from attnjax.blocks.seed import SeedAttention
+from attnjax.blocks.shuffle import ShuffleAttention
 from attnjax.blocks.simam import SimAMAttention
 from attnjax.blocks.sk import SelectiveKernelAttention
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
+from attnjax.blocks.splat import SplitAttention
 from attnjax.blocks.triplet import TripletAttention
 from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError
@@ -54,6 +70,24 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "sk": SelectiveKernelAttention,
     "triplet": TripletAttention,
     "mhsa": MultiHeadSelfAttention,
+    # timm's create_attn kinds (same names)
+    "ese": EffectiveSqueezeExcitation,
+    "ecam": EfficientChannelAttentionMLP,
+    "ceca": CircularEfficientChannelAttention,
+    "ge": GatherExcite,
+    "gca": GlobalContextGate,
+    "lcbam": LightCBAM,
+    "splat": SplitAttention,
+    "lambda": LambdaLayer,
+    "bottleneck": BottleneckAttention,
+    "halo": HaloAttention,
+    # External-Attention's catalogue
+    "external": ExternalAttention,
+    "psa": PolarizedSelfAttention,
+    "shuffle": ShuffleAttention,
+    "danet": DualAttention,
+    "criss_cross": CrissCrossAttention,
+    "axial": AxialAttention,
 }
 
 
@@ -165,17 +199,33 @@ def create(name: str, **options) -> nn.Module:
 
 
 __all__ = [
+    "AxialAttention",
     "BAM",
+    "BottleneckAttention",
     "CBAM",
+    "CircularEfficientChannelAttention",
     "CoordinateAttention",
+    "CrissCrossAttention",
+    "DualAttention",
+    "EffectiveSqueezeExcitation",
     "EfficientChannelAttention",
+    "EfficientChannelAttentionMLP",
+    "ExternalAttention",
+    "GatherExcite",
     "GlobalContext",
+    "GlobalContextGate",
+    "HaloAttention",
+    "LambdaLayer",
+    "LightCBAM",
     "MultiHeadSelfAttention",
     "NonLocalAttention",
+    "PolarizedSelfAttention",
     "SeedAttention",
     "SelectiveKernelAttention",
+    "ShuffleAttention",
     "SimAMAttention",
     "SoftmaxAttention",
+    "SplitAttention",
     "SqueezeExcitation",
     "TripletAttention",
     "build",

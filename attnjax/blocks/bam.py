@@ -28,6 +28,13 @@ Deviations from the paper, and from the official code, which disagree:
   ``sigmoid(Mc * Ms)``.
 - Bottleneck width ``reduced_channels(C, r) = max(C // r, min(C, 8))`` for both branches, equal to the
   paper's C/r for C >= 128; the floor keeps small C working.
+
+Batch-norm running variance: the running averages take in the biased batch variance (Flax's convention);
+PyTorch's ``BatchNorm2d`` takes in the unbiased one, n/(n-1) times larger, n being the values per
+channel in the batch. Outputs agree with PyTorch, but running variances imported from or exported to
+PyTorch differ by up to n/(n-1): the channel branch's BNs see (N, 1, 1, .) maps, so n = N, 2x for a
+batch of 2; the spatial branch's BNs have n = N*H*W. Convert them with
+``attnjax.layers.torch_running_var`` and ``flax_running_var``.
 """
 
 from __future__ import annotations

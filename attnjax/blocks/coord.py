@@ -23,6 +23,12 @@ as in the official code, since it runs on the stacked tensor.
 Deviation from the paper: mip is ``reduced_channels(C, 32) = max(C // 32, min(C, 8))``, the width rule
 of every attnjax block. It equals the paper's ``max(8, C // 32)`` for C >= 8; for C < 8 it stays at C
 instead of widening to 8.
+
+Batch-norm running variance: the running averages take in the biased batch variance (Flax's convention);
+PyTorch's ``BatchNorm2d`` takes in the unbiased one, n/(n-1) times larger, n being the values per
+channel in the batch. Outputs agree with PyTorch, but running variances imported from or exported to
+PyTorch differ by up to n/(n-1): its BN sees the stacked (N, H+W, 1, mip) tensor, so n = N*(H+W).
+Convert them with ``attnjax.layers.torch_running_var`` and ``flax_running_var``.
 """
 
 from __future__ import annotations

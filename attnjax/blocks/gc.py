@@ -21,7 +21,9 @@ Choices and deviations:
   initialisation.
 - The context conv W_k has no bias, as in the paper's formula. The official code has one, but a
   constant added to every position's logit cancels in the softmax, so it changes nothing.
-- LayerNorm uses epsilon 1e-5 (PyTorch's default, which the official code uses) instead of Flax's 1e-6.
+- LayerNorm uses epsilon 1e-5 (PyTorch's default, which the official code uses) instead of Flax's 1e-6,
+  and the two-pass variance (:func:`attnjax.layers.layer_norm`): Flax's default one-pass variance
+  E[t^2] - E[t]^2 cancels in float32 when the normalised vector's mean dwarfs its spread.
 - Bottleneck width ``reduced_channels(C, r) = max(C // r, min(C, 8))``, equal to the paper's C/r for
   C >= 128; the floor keeps small C working.
 """
@@ -36,6 +38,7 @@ import jax.numpy as jnp
 
 from attnjax.blocks.primitives import reduced_channels
 from attnjax.blocks.softmax import spatial_softmax
+from attnjax.layers import layer_norm
 from attnjax.validate import check_nhwc
 
 
@@ -47,6 +50,21 @@ def attention_pool(x: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Arra
     """
     weights = spatial_softmax(logits)
     return jnp.sum(weights * x, axis=(1, 2), keepdims=True), weights
+
+
+def context_transform(
+    context: jax.Array, channels: int, hidden: int, *, zero_init_last: bool, dtype: Any = None
+) -> jax.Array:
+    """The GC transform ``t = conv1x1(relu(LayerNorm(conv1x1(c))))``, C -> ``hidden`` -> ``channels``.
+
+    Builds its layers ``reduce``, ``norm`` and ``expand`` in the calling module: call it inside a
+    compact method. ``zero_init_last`` zero-initialises ``expand``'s kernel (its bias starts at 0
+    either way); otherwise it gets Flax's default kernel initialiser.
+    """
+    t = nn.Conv(hidden, (1, 1), dtype=dtype, name="reduce")(context)
+    t = nn.relu(layer_norm(dtype=dtype, name="norm")(t))
+    last_init = nn.initializers.zeros if zero_init_last else nn.linear.default_kernel_init
+    return nn.Conv(channels, (1, 1), kernel_init=last_init, dtype=dtype, name="expand")(t)
 
 
 class GlobalContext(nn.Module):
@@ -70,10 +88,7 @@ class GlobalContext(nn.Module):
         logits = nn.Conv(1, (1, 1), use_bias=False, dtype=self.dtype, name="context")(x)
         context, weights = attention_pool(x, logits)
 
-        t = nn.Conv(hidden, (1, 1), dtype=self.dtype, name="reduce")(context)
-        t = nn.relu(nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(t))
-        last_init = nn.initializers.zeros if self.zero_init_last else nn.linear.default_kernel_init
-        t = nn.Conv(channels, (1, 1), kernel_init=last_init, dtype=self.dtype, name="expand")(t)
+        t = context_transform(context, channels, hidden, zero_init_last=self.zero_init_last, dtype=self.dtype)
 
         self.sow("intermediates", "attention", weights)
         return x + t

@@ -33,6 +33,13 @@ On CPU the grouped convs are traced as dense convs with a block-diagonal kernel
 (:mod:`attnjax.ops.grouped_conv`): XLA:CPU computes a grouped conv's kernel gradient so slowly
 that the block's train step is 30-60x faster this way. Same parameters (the grouped kernels),
 same values and gradients.
+
+Batch-norm running variance: the running averages take in the biased batch variance (Flax's convention);
+PyTorch's ``BatchNorm2d`` takes in the unbiased one, n/(n-1) times larger, n being the values per
+channel in the batch. Outputs agree with PyTorch, but running variances imported from or exported to
+PyTorch differ by up to n/(n-1): the branch BNs have n = N*H*W, but the fuse BN sees (N, 1, 1, d)
+features, so n = N: 2x for a batch of 2. Convert them with ``attnjax.layers.torch_running_var`` and
+``flax_running_var``.
 """
 
 from __future__ import annotations

@@ -30,6 +30,13 @@ Follows the official code where the paper is silent: Z-pool stacks max before me
 On CPU the 7x7 convs (2 channels in, 1 out) are traced as one banded dot each
 (:mod:`attnjax.ops.single_output_conv`), about 2x faster there for the block at small maps.
 Same parameters, same values and gradients.
+
+Batch-norm running variance: the running averages take in the biased batch variance (Flax's convention);
+PyTorch's ``BatchNorm2d`` takes in the unbiased one, n/(n-1) times larger, n being the values per
+channel in the batch. Outputs agree with PyTorch, but running variances imported from or exported to
+PyTorch differ by up to n/(n-1): n = N*C*W for ``cw_bn``, N*H*C for ``hc_bn`` and N*H*W for ``hw_bn``
+(their momentum is 0.99: pass ``momentum=0.99``). Convert them with ``attnjax.layers.torch_running_var``
+and ``flax_running_var``.
 """
 
 from __future__ import annotations
