@@ -221,7 +221,7 @@ def test_summary_rows_known_values():
     none, se, mhsa = rows
     assert none.verdict == "baseline" and none.difference is None
     assert se.accuracy.mean == pytest.approx(np.mean([0.950, 0.953, 0.951]))
-    assert se.time_ratio == pytest.approx(np.median([1.2 / 1.0, 1.1 / 1.1, 1.0 / 0.9]))  # per round: 1.2/1, 1.1/1.1, 1.0/0.9
+    assert se.time_ratio == pytest.approx(np.median([1.2 / 1.0, 1.1 / 1.1, 1.0 / 0.9]))  # per round
     assert se.time_ratio_iqr[0] <= se.time_ratio <= se.time_ratio_iqr[1]
     assert se.difference.p_value < 0.05 / 2 and se.verdict == stats.BETTER  # Holm: 2 comparisons
     assert mhsa.verdict == stats.NOISE
