@@ -95,13 +95,16 @@ def _state_and_step(config: Config, image_shape, num_classes: int):
     return state, step_fn
 
 
-def train_flops_per_image(config: Config, image_shape, num_classes: int, batch: dict | None = None) -> float | None:
+def train_flops_per_image(
+    config: Config, image_shape, num_classes: int, batch: dict | None = None, state_and_step=None
+) -> float | None:
     """XLA's FLOP count of ``config``'s train step over its batch size, with the formulations native to GPU/TPU.
 
     Those formulations compute the network's math: a CPU formulation may run more (see
-    :mod:`attnjax.ops`). ``None`` where the backend gives no cost analysis.
+    :mod:`attnjax.ops`). ``None`` where the backend gives no cost analysis. ``state_and_step``:
+    the config's ``(state, step_fn)`` if already built.
     """
-    state, step_fn = _state_and_step(config, image_shape, num_classes)
+    state, step_fn = state_and_step or _state_and_step(config, image_shape, num_classes)
     batch = batch or _random_batch(config, image_shape, num_classes, config.seed)
     with ops.use_formulations(**NATIVE_FORMULATIONS):
         flops = flops_of(jax.jit(step_fn).lower(state, batch).compile())
@@ -116,7 +119,7 @@ def _prepare(label: str, config: Config, image_shape, num_classes: int, batch: d
     return _Prepared(
         label,
         count_params({"params": state.params}),
-        train_flops_per_image(config, image_shape, num_classes, batch),
+        train_flops_per_image(config, image_shape, num_classes, batch, (state, step_fn)),
         temp_bytes_of(step),
         step,
         state,
