@@ -53,6 +53,22 @@ def channel_pool(x: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.mean(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)], axis=-1)
 
 
+def spatial_conv(kernel_size: int, dtype=None) -> nn.Conv:
+    """The spatial gate's k x k conv to one channel, 'same' padding, named ``spatial_conv`` (call it when compact).
+
+    Runs through :func:`attnjax.ops.single_output_conv`, the backend's fastest formulation.
+    """
+    pad = (kernel_size - 1) // 2
+    return nn.Conv(
+        1,
+        (kernel_size, kernel_size),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        conv_general_dilated=single_output_conv,
+        name="spatial_conv",
+    )
+
+
 class CBAM(nn.Module):
     """CBAM block: channel gate from a shared MLP on avg- and max-pooled features, then a 7x7 spatial gate.
 
@@ -82,15 +98,7 @@ class CBAM(nn.Module):
 
         x, channel_gate = sigmoid_gate(x, mlp(global_avg_pool(x)) + mlp(global_max_pool(x)))
 
-        pad = (k - 1) // 2
-        spatial = nn.Conv(
-            1,
-            (k, k),
-            padding=((pad, pad), (pad, pad)),
-            dtype=self.dtype,
-            conv_general_dilated=single_output_conv,
-            name="spatial_conv",
-        )
+        spatial = spatial_conv(k, self.dtype)
         x, spatial_gate = sigmoid_gate(x, spatial(channel_pool(x)))
 
         self.sow("intermediates", "channel", channel_gate)

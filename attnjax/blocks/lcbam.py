@@ -42,9 +42,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.cbam import global_max_pool
+from attnjax.blocks.cbam import global_max_pool, spatial_conv
 from attnjax.blocks.primitives import global_avg_pool, reduced_channels, sigmoid_gate
-from attnjax.ops.single_output_conv import single_output_conv
 from attnjax.validate import InputError, check_nhwc
 
 
@@ -84,15 +83,7 @@ class LightCBAM(nn.Module):
         z = nn.Dense(channels, dtype=self.dtype, name="expand")(nn.relu(z))
         x, channel_gate = sigmoid_gate(x, z)
 
-        pad = (k - 1) // 2
-        spatial = nn.Conv(
-            1,
-            (k, k),
-            padding=((pad, pad), (pad, pad)),
-            dtype=self.dtype,
-            conv_general_dilated=single_output_conv,
-            name="spatial_conv",
-        )
+        spatial = spatial_conv(k, self.dtype)
         x, spatial_gate = sigmoid_gate(x, spatial(light_channel_pool(x)))
 
         self.sow("intermediates", "channel", channel_gate)
