@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax import checkpoint, data, models
+from attnjax import data, train
 from attnjax.data.augment import normalize
 from attnjax.data.dataset import to_unit_range
 from attnjax.data.images import resize_center_crop
@@ -61,7 +61,7 @@ def sown_maps(model, variables: dict, images: jax.Array) -> list[Map]:
             continue
         block_output = by_path.get((*path[:-1], "__call__"))
         feature_hw = None if block_output is None else tuple(block_output[0].shape[1:3])
-        raw = np.asarray(value[0])
+        raw = np.asarray(value[0], np.float32)  # bfloat16 and float16 runs sow maps in their dtype
         shown, spatial = displayable(raw, feature_hw, "/".join(path))
         maps.append(Map("/".join(path), raw, shown, spatial))
     return maps
@@ -107,15 +107,12 @@ def load_run(workdir: str):
         raise InputError(f"{path} does not exist: --workdir must be a folder written by python -m attnjax.train")
     with open(path) as f:
         run = json.load(f)
-    config, described = run["config"], run["dataset"]
-    model = models.create(config["model"], num_classes=described["num_classes"], block=config["block"])
+    config, described = train.Config.from_dict(run["config"]), run["dataset"]
+    model = train.create_model(config, described["num_classes"])  # the code that built the model it trained
     template = model.init(jax.random.key(0), jnp.zeros((1, *described["image_shape"]), jnp.float32), train=False)
-    variables = checkpoint.load_variables(workdir, template)
+    variables = train.checkpoint.load_variables(workdir, template)
     dataset = data.load(
-        config["dataset"],
-        data_dir=config["data_dir"],
-        manual_dir=config["manual_dir"],
-        image_size=config["image_size"] or None,
+        config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size or None
     )
     return model, variables, run, dataset
 

@@ -107,6 +107,17 @@ def backend_started() -> bool:
         return False
 
 
+def configure_xla_flags(mode: str = "tuned") -> None:
+    """Add attnjax's XLA:CPU options to ``XLA_FLAGS`` (the user's own settings win), if no backend started yet.
+
+    ``jax.pmap`` takes no compiler options: ``XLA_FLAGS``, read when JAX starts its backend, is
+    its only route. Only the entry points (``python -m attnjax.train``, ``python -m attnjax.compare``)
+    call this; importing attnjax never touches the environment.
+    """
+    if not backend_started():
+        os.environ["XLA_FLAGS"] = merge_xla_flags(os.environ.get("XLA_FLAGS", ""), mode)
+
+
 @functools.cache
 def _accepted(name: str, value: object) -> bool:
     """Whether this jaxlib's CPU compiler accepts option ``name`` set to ``value`` (one tiny compile)."""

@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from attnjax import ops, xla_options  # noqa: E402
-from attnjax.blocks import MultiHeadSelfAttention  # noqa: E402
+from attnjax import ops, xla_options
+from attnjax.blocks import MultiHeadSelfAttention
 
 CHOICES = ("fused", "einsum")
 

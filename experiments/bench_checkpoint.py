@@ -37,9 +37,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from attnjax import checkpoint, data, parallel
-from attnjax.config import Config
-from attnjax.train import PROGRESS_FILE, create_model, create_train_state, learning_rate_schedule, train_step
+from attnjax import data
+from attnjax.train import (
+    PROGRESS_FILE,
+    Config,
+    checkpoint,
+    create_model,
+    create_train_state,
+    learning_rate_schedule,
+    parallel,
+    train_step,
+)
 
 
 def random_folder(root: Path, size: int = 32, classes: int = 10, per_class: int = 30) -> str:

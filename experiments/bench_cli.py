@@ -28,10 +28,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from bench_step import cpu_model  # experiments/ is the script's own folder, first on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-from bench_step import cpu_model  # noqa: E402
 
 
 def make_folder(root: Path, size: int, train_images: int, test_images: int, classes: int = 10) -> Path:

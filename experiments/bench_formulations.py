@@ -1,6 +1,6 @@
 """Train-step time of the blocks whose ops have backend-dependent formulations, under each formulation.
 
-For each block and input shape, the training step of ``attnjax.blocks.cost`` (the gradient of
+For each block and input shape, the training step of ``attnjax.compare.block_cost`` (the gradient of
 ``sum(block(x, train=True) ** 2)`` w.r.t. the parameters and x, with the batch-norm update) is
 traced and compiled once per formulation of the block's op, forced with
 ``ops.use_formulations`` (the trace happens inside the context). The timed repeats then
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from attnjax import blocks, ops, xla_options
-from attnjax.blocks.cost import train_step_fn
+from attnjax.compare.block_cost import train_step_fn
 
 # block -> the op whose formulations it is timed under (the first formulation is the baseline)
 OPS = {"sk": "grouped_conv", "triplet": "single_output_conv", "cbam": "single_output_conv"}

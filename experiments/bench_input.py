@@ -26,8 +26,8 @@ import time
 import jax
 import numpy as np
 
-from attnjax import data, models, parallel
-from attnjax.train import create_train_state, train_step
+from attnjax import data, models
+from attnjax.train import create_train_state, parallel, train_step
 
 
 def images_per_second(batches, count: int, batch_size: int, consume) -> float:

@@ -21,8 +21,8 @@ import time
 import jax
 import numpy as np
 
-from attnjax import cli, models, parallel, precision, xla_options
-from attnjax.train import create_train_state, train_step
+from attnjax import models, xla_options
+from attnjax.train import create_train_state, parallel, precision, train_step
 
 
 def main(argv=None) -> None:
@@ -36,7 +36,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
-    cli.configure_xla_flags()  # as the CLI does, before JAX starts: pmap's only route to the options
+    xla_options.configure_xla_flags()  # as the CLI does, before JAX starts: pmap's only route to the options
     options = xla_options.compiler_options() or None
 
     shape = (args.size, args.size, args.channels)

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import jax_utils
 
-from attnjax import cli, models, parallel, xla_options
-from attnjax.train import create_train_state, train_step
+from attnjax import models, xla_options
+from attnjax.train import create_train_state, parallel, train_step
 
 
 def main(argv=None):
@@ -35,7 +35,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
-    cli.configure_xla_flags()  # as the CLI does, before JAX starts: pmap's only route to the options
+    xla_options.configure_xla_flags()  # as the CLI does, before JAX starts: pmap's only route to the options
 
     devices = jax.local_devices()
     shape = (args.size, args.size, 3)

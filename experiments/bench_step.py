@@ -137,9 +137,9 @@ def per_op(size: int, batch: int, compiler_options: dict, steps: int) -> list[di
 
 def child(args) -> dict:
     """One process: the variants of one size, alternated; returns medians as a dict."""
-    from attnjax import cli
+    from attnjax import xla_options
 
-    cli.configure_xla_flags(args.xla_options)  # as the CLI does, before JAX starts its backend
+    xla_options.configure_xla_flags(args.xla_options)  # as the CLI does, before JAX starts its backend
 
     import jax
     import jax.numpy as jnp
@@ -148,9 +148,8 @@ def child(args) -> dict:
     import torch.nn.functional as F
     from torch_reference import TorchAttentionNet, flax_to_torch_state, nhwc_to_nchw
 
-    from attnjax import models, parallel, xla_options
-    from attnjax.config import Config
-    from attnjax.train import create_train_state, train_step
+    from attnjax import models, xla_options
+    from attnjax.train import Config, create_train_state, parallel, train_step
 
     size, batch = args.size, args.batch_size
     image_shape = (size, size, 3)

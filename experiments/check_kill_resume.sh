@@ -32,7 +32,7 @@ $python - "$out" <<'PY'
 import json, sys
 from pathlib import Path
 import numpy as np
-from attnjax import checkpoint
+from attnjax.train import checkpoint
 out = Path(sys.argv[1])
 timing = ("images_per_second", "epoch_seconds")
 def metrics(run):

@@ -13,21 +13,16 @@ alternating, and checks they compute the same.
 from __future__ import annotations
 
 import argparse
-import sys
 import warnings
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn.functional as F
+from bench_step import alternate, cpu_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_step import alternate, cpu_model  # noqa: E402
-
-from attnjax import xla_options  # noqa: E402
+from attnjax import xla_options
 
 
 def _nchw_view(x: np.ndarray) -> torch.Tensor:

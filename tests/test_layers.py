@@ -110,6 +110,7 @@ class MomentumNorm(nn.Module):
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1, 4), (3, 4, 5, 4)])  # n = 2 values per channel (BAM's, SK's FCs), 60
+@pytest.mark.torch  # the one test here that imports PyTorch (inside it)
 @pytest.mark.parametrize("momentum", [0.9, 0.99])  # the blocks' default and triplet's
 def test_running_var_conversion_matches_a_torch_batch_norm_trained_on_the_same_batches(shape, momentum):
     """Flax keeps the biased batch variance in its running average, PyTorch the unbiased one; the helpers convert."""

@@ -21,6 +21,8 @@ import nbclient
 import nbformat
 import pytest
 
+pytestmark = [pytest.mark.notebook, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "experiments" / "colab_tpu.ipynb"
 KERNEL_NAME = "attnjax-test-python"

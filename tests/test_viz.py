@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from image_folders import write_folder
 from PIL import Image
-from test_data_folder import write_folder
 
-from attnjax import checkpoint, data, models, viz
-from attnjax.config import Config
+from attnjax import blocks, data, models, viz
 from attnjax.data.augment import normalize
-from attnjax.train import train_and_evaluate
+from attnjax.train import Config, checkpoint, train_and_evaluate
 from attnjax.validate import InputError
 
 
@@ -116,3 +115,70 @@ def test_cli_writes_the_png_and_explains_a_bad_workdir(cbam_run, tmp_path):
         timeout=300,
     )
     assert proc.returncode == 2 and "config.json does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def drawn_equals_sown(workdir, config: Config, num_images: int = 3):
+    """The maps viz draws are those that ``config``'s model (built here from its factory options) sows."""
+    out, fig, maps = viz.render(str(workdir), num_images=num_images, with_photos=False)
+    net = models.create(
+        config.model,
+        num_classes=10,
+        block=config.block,
+        block_options=blocks.parse_options(config.block, config.block_option) if config.block_option else {},
+        **models.parse_model_options(config.model, config.model_option),
+    )
+    template = net.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), train=False)
+    variables = checkpoint.load_variables(str(workdir), template)
+    ds = data.load("digits")
+    images = normalize(ds.test.get_batch(np.arange(num_images))["image"], ds.mean, ds.std)
+    _, state = net.apply(variables, images, train=False, mutable=["intermediates"])
+    flat = jax.tree_util.tree_flatten_with_path(state["intermediates"], is_leaf=lambda x: isinstance(x, tuple))[0]
+    sown = {"/".join(k.key for k in path): np.asarray(value[0]) for path, value in flat}
+    assert maps and {m.path for m in maps} <= set(sown)
+    for m in maps:
+        np.testing.assert_allclose(m.raw, sown[m.path], rtol=1e-6, atol=1e-7, err_msg=m.path)
+    return maps
+
+
+def test_a_block_option_that_keeps_the_shapes_is_drawn_with_that_option(tmp_path):
+    """ese's gate changes no parameter: a viz that ignored --block-option would draw another gate, silently."""
+    config = Config(block="ese", block_option=("gate=sigmoid",), epochs=1)
+    train_and_evaluate(config, str(tmp_path), devices=jax.local_devices()[:1])
+    (gate,) = drawn_equals_sown(tmp_path, config)
+    # The default gate (hard_sigmoid) on the same weights gives other values: the option is what was drawn.
+    net = models.create("attention_net", num_classes=10, block="ese")
+    variables = checkpoint.load_variables(
+        str(tmp_path), net.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), train=False)
+    )
+    ds = data.load("digits")
+    images = normalize(ds.test.get_batch(np.arange(3))["image"], ds.mean, ds.std)
+    _, state = net.apply(variables, images, train=False, mutable=["intermediates"])
+    hard = np.asarray(jax.tree.leaves(state["intermediates"])[0])
+    assert np.abs(hard - gate.raw).max() > 1e-3
+
+
+@pytest.mark.subprocess
+def test_viz_draws_a_run_trained_with_a_block_option_that_changes_the_shapes(tmp_path):
+    """The issue's case: ``--block cbam --block-option reduction=8``, through both commands."""
+    workdir = tmp_path / "run"
+    train = [sys.executable, "-m", "attnjax.train", "--block", "cbam", "--block-option", "reduction=8"]
+    proc = subprocess.run([*train, "--epochs", "1", "--workdir", str(workdir)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnjax.viz", "--workdir", str(workdir), "--images", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (workdir / viz.OUTPUT_FILE).stat().st_size > 0 and "block/spatial" in proc.stdout
+    drawn_equals_sown(workdir, Config(block="cbam", block_option=("reduction=8",)))
+
+
+def test_viz_draws_a_run_trained_with_a_model_option(tmp_path):
+    config = Config(
+        model="resnet18", model_option=("stem=imagenet", "stage_sizes=1"), block="se", epochs=1, batch_size=64
+    )
+    train_and_evaluate(config, str(tmp_path), devices=jax.local_devices()[:1])
+    maps = drawn_equals_sown(tmp_path, config)
+    assert [m.path for m in maps] == ["layer1_0/block/attention"]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnjax import cli, models, xla_options
+from attnjax import models, xla_options
 from attnjax.train import create_train_state, train_step
 
 YNN = "xla_cpu_experimental_ynn_fusion_type"
@@ -98,8 +98,8 @@ def test_the_cli_entry_sets_xla_flags_before_jax_starts_and_the_user_wins():
     """A fresh process, as ``python -m attnjax.train`` starts: XLA_FLAGS is set, the user's value kept, and used."""
     script = (
         "import json, os\n"
-        "from attnjax import cli, xla_options\n"
-        "cli.configure_xla_flags('tuned')\n"
+        "from attnjax import xla_options\n"
+        "xla_options.configure_xla_flags('tuned')\n"
         "import jax.numpy as jnp\n"
         "jnp.ones(1).block_until_ready()\n"
         "print(json.dumps({'flags': os.environ['XLA_FLAGS'], 'applied': xla_options.applied()}))\n"
@@ -116,7 +116,7 @@ def test_a_started_backend_is_not_reconfigured(monkeypatch):
     jnp.ones(1).block_until_ready()  # the test process's backend is running
     assert xla_options.backend_started()
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    cli.configure_xla_flags("tuned")
+    xla_options.configure_xla_flags("tuned")
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
 
 

@@ -123,7 +123,7 @@ def nchw_to_nhwc(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy().transpose(0, 2, 3, 1)
 
 
-# Helpers shared by the blocks' reference tests (tests/test_block_<name>.py).
+# Helpers shared by the blocks' reference tests (tests/blocks/test_<name>.py, through tests/blocks/block_harness.py).
 
 BN_MOMENTUM = 0.9  # Flax's convention (weight of the old average); PyTorch's momentum=0.1 is the same update
 
@@ -175,6 +175,9 @@ def torch_state_with_stats(
     state = {}
     for collection in ("params", "batch_stats"):
         for name, value in flax_to_torch_state(variables.get(collection, {})).items():
+            if "." not in name:  # a parameter of the block itself (a table, a scale), not of a layer
+                state[name] = value
+                continue
             flax_module, key = name.rsplit(".", 1)
             module = module_name(flax_module)
             if key == "var" and running_var_count is not None:

@@ -43,14 +43,25 @@ from attnjax.blocks.lambda_layer import LambdaLayer
 from attnjax.blocks.lcbam import LightCBAM
 from attnjax.blocks.mhsa import MultiHeadSelfAttention
 from attnjax.blocks.non_local import NonLocalAttention
-from attnjax.blocks.primitives import global_avg_pool, reduced_channels, sigmoid_gate
+from attnjax.blocks.primitives import (
+    attention_pool,
+    excitation_mlp,
+    global_avg_pool,
+    global_max_pool,
+    odd_size,
+    reduced_channels,
+    resolve_heads,
+    sigmoid_gate,
+    spatial_conv,
+    spatial_softmax,
+)
 from attnjax.blocks.psa import PolarizedSelfAttention
 from attnjax.blocks.se import SqueezeExcitation
 from attnjax.blocks.seed import SeedAttention
 from attnjax.blocks.shuffle import ShuffleAttention
 from attnjax.blocks.simam import SimAMAttention
 from attnjax.blocks.sk import SelectiveKernelAttention
-from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention, spatial_softmax
+from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention
 from attnjax.blocks.splat import SplitAttention
 from attnjax.blocks.triplet import TripletAttention
 from attnjax.layers import BATCH_AXIS
@@ -193,8 +204,13 @@ def build(block, *, name: str, dtype, axis_name: str | None = BATCH_AXIS) -> nn.
     return block(name=name, **{k: v for k, v in host.items() if k in fields and k not in given})
 
 
-def create(name: str, **options) -> nn.Module:
-    """Build the block registered as ``name`` with its keyword ``options``."""
+def create(name: str, /, **options) -> nn.Module:
+    """Build the block registered as ``name`` with its keyword ``options``, checked as :func:`factory` checks them.
+
+    Besides the block's options (:func:`options`), the fields a host sets per site (``name``, ``dtype``,
+    ``axis_name``) may be given too: the module is built here, not by a host.
+    """
+    check_options(name, {key: value for key, value in options.items() if key not in _NOT_OPTIONS})
     return _block_class(name)(**options)
 
 
@@ -228,17 +244,23 @@ __all__ = [
     "SplitAttention",
     "SqueezeExcitation",
     "TripletAttention",
+    "attention_pool",
     "build",
     "check_options",
     "create",
+    "excitation_mlp",
     "factory",
     "global_avg_pool",
+    "global_max_pool",
     "names",
+    "odd_size",
     "options",
     "parse_key_values",
     "parse_options",
     "reduced_channels",
+    "resolve_heads",
     "sigmoid_gate",
     "softmax_attention",
+    "spatial_conv",
     "spatial_softmax",
 ]

@@ -29,8 +29,9 @@ Sown maps (both softmaxes over the last axis):
 
 Choices and deviations:
 
-- Heads: ``num_heads`` (8, the paper's) is a maximum: the block uses the largest divisor of C
-  up to it, so that any C works (C = 13 or 37: 1 head; C = 3: 3 heads; C = 64: 8). Per head
+- Heads: ``num_heads=None`` (the default) uses the largest divisor of C up to ``max_heads`` (8,
+  the paper's), so that any C works (C = 13 or 37: 1 head; C = 3: 3 heads; C = 64: 8); an explicit
+  ``num_heads`` must divide C (:func:`attnjax.blocks.primitives.resolve_heads`). Per head
   d_v = C / heads and d_qk = max(d_v // 2, 1): the official code's ``group_planes // 2`` for
   the queries and keys, floored at 1 (d_v = 1 would give 0). For odd d_v the official split of
   ``2 * C`` projected channels does not add up; ours projects ``heads * (2 d_qk + d_v)``
@@ -71,12 +72,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from attnjax.blocks.primitives import resolve_heads
 from attnjax.validate import InputError, check_nhwc
-
-
-def adapted_heads(channels: int, num_heads: int) -> int:
-    """The largest divisor of ``channels`` that is at most ``num_heads``."""
-    return max(d for d in range(1, min(num_heads, channels) + 1) if channels % d == 0)
 
 
 def relative_embeddings(table: jax.Array, length: int) -> jax.Array:
@@ -185,12 +182,13 @@ class AxialLayer(nn.Module):
 class AxialAttention(nn.Module):
     """Axial-DeepLab's position-sensitive axial attention: along the height, then along the width.
 
-    NHWC in, same shape out; C is read from the input. Heads: the largest divisor of C up to
-    ``num_heads``. Sows ``intermediates/height`` ``(N, heads, H, W, H)`` and
-    ``intermediates/width`` ``(N, heads, H, W, W)``.
+    NHWC in, same shape out; C is read from the input. Heads: ``num_heads``, or for ``None`` the
+    largest divisor of C up to ``max_heads``. Sows ``intermediates/height`` ``(N, heads, H, W, H)``
+    and ``intermediates/width`` ``(N, heads, H, W, W)``.
     """
 
-    num_heads: int = 8
+    num_heads: int | None = None  # None: the largest divisor of C up to max_heads
+    max_heads: int = 8
     max_span: int | None = None
     dtype: Any = None
 
@@ -199,11 +197,7 @@ class AxialAttention(nn.Module):
         del train  # no batch norm or dropout
         who = type(self).__name__
         check_nhwc(x, who)
-        if self.num_heads < 1:
-            raise InputError(
-                f"{who}: num_heads must be >= 1 (the most heads; C decides the rest); got {self.num_heads}"
-            )
-        heads = adapted_heads(x.shape[-1], self.num_heads)
+        heads = resolve_heads(x.shape[-1], self.num_heads, self.max_heads, who)
         y, height = AxialLayer(heads, 1, self.max_span, self.dtype, name="height_attention")(x, who)
         self.sow("intermediates", "height", height)
         y, width = AxialLayer(heads, 2, self.max_span, self.dtype, name="width_attention")(y, who)

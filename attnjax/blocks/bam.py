@@ -44,8 +44,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from attnjax.blocks.primitives import global_avg_pool, reduced_channels
-from attnjax.layers import BATCH_AXIS, batch_norm
+from attnjax.blocks.primitives import block_batch_norm, global_avg_pool, reduced_channels
+from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError, check_nhwc
 
 
@@ -81,7 +81,7 @@ class BAM(nn.Module):
         hidden = reduced_channels(channels, self.reduction)
 
         def bn(name):
-            return batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name=name)
+            return block_batch_norm(self, train, name)
 
         mc = nn.Dense(hidden, dtype=self.dtype, name="channel_reduce")(global_avg_pool(x))
         mc = nn.relu(bn("channel_reduce_bn")(mc))

@@ -17,7 +17,7 @@ What it computes, for NHWC ``x`` (H x W positions, C channels) and ``heads`` hea
 ``d`` is the query/key width per head (``dim_head``, default C / heads), the values are
 C / heads wide. The relative tables ``r^H`` (``height_rel``, (2H - 1, d)) and ``r^W``
 (``width_rel``, (2W - 1, d)) hold one vector per offset ``-(H-1) .. H-1`` (and likewise for W),
-shared by the heads; the lookup is :func:`attnjax.blocks.relative_position.relative_logits_2d`.
+shared by the heads; the lookup is :func:`attnjax.blocks.primitives.relative_logits_2d`.
 
 Sown map: ``intermediates/attention``, the softmax weights ``a`` of shape (N, heads, H*W, H*W),
 positions in row-major (y, x) order; each row sums to 1.
@@ -34,8 +34,8 @@ Choices and deviations:
   block to a residual stream, that stream supplies the residual. So it is not the identity at
   initialisation.
 - Heads: the paper and timm use 4. ``num_heads=None`` (the default) takes the largest divisor of C
-  that is at most 4, so every C works (13 -> 1 head, 3 -> 3, 37 -> 1, 64 -> 4); an explicit
-  count must divide C.
+  that is at most ``max_heads`` (4), so every C works (13 -> 1 head, 3 -> 3, 37 -> 1, 64 -> 4); an
+  explicit count must divide C (:func:`attnjax.blocks.primitives.resolve_heads`).
 - q/k width: ``dim_head=None`` gives d = C / heads, the paper's equal widths for q, k and v.
   timm's default rounds the q/k width to a multiple of 8 (``make_divisible(C, 8) / heads``):
   the same for every C divisible by 8, wider for other C. ``dim_head`` sets d directly, as in timm.
@@ -58,19 +58,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.relative_position import (
+from attnjax.blocks.primitives import (
     attention_logits,
     head_widths,
     relative_logits_2d,
     relative_table_size,
-    resolve_num_heads,
+    relative_tables,
+    resolve_heads,
     scale_for,
     softmax_in_float32,
-    truncated_normal_init,
+    timm_projection,
 )
 from attnjax.validate import InputError, check_nhwc
-
-DEFAULT_HEADS = 4
 
 
 def bottleneck_attention(
@@ -107,7 +106,8 @@ class BottleneckAttention(nn.Module):
     the size at init). Sows the (N, heads, H*W, H*W) softmax weights as ``intermediates/attention``.
     """
 
-    num_heads: int | None = None  # None: the largest divisor of C up to 4
+    num_heads: int | None = None  # None: the largest divisor of C up to max_heads
+    max_heads: int = 4
     dim_head: int | None = None  # q/k width per head; None: C / heads
     feat_size: Any = None  # (H, W) or an int; None: the size of the input at init
     qkv_bias: bool = False
@@ -130,7 +130,7 @@ class BottleneckAttention(nn.Module):
         who = type(self).__name__
         check_nhwc(x, who)
         n, h, w, c = x.shape
-        heads = resolve_num_heads(c, self.num_heads, DEFAULT_HEADS, who)
+        heads = resolve_heads(c, self.num_heads, self.max_heads, who)
         d_qk, d_v = head_widths(c, heads, self.dim_head, who)
         (bound_h, bound_w), source = self._bound_size(h, w)
         if (h, w) != (bound_h, bound_w):
@@ -141,20 +141,11 @@ class BottleneckAttention(nn.Module):
                 f"(feat_size=None binds it to the size seen at init; feat_size=({h}, {w}) fixes it)."
             )
 
-        qkv = nn.Conv(
-            2 * heads * d_qk + heads * d_v,
-            (1, 1),
-            use_bias=self.qkv_bias,
-            kernel_init=truncated_normal_init(c**-0.5),
-            dtype=self.dtype,
-            name="qkv",
-        )(x)
+        qkv = timm_projection(2 * heads * d_qk + heads * d_v, c, self.qkv_bias, self.dtype, "qkv")(x)
         q, k, v = jnp.split(qkv, [heads * d_qk, 2 * heads * d_qk], axis=-1)
         q, k = (t.reshape(n, h, w, heads, d_qk) for t in (q, k))
         v = v.reshape(n, h, w, heads, d_v)
-        table_init = truncated_normal_init(scale_for(d_qk))
-        height_rel = self.param("height_rel", table_init, (relative_table_size(h, h), d_qk))
-        width_rel = self.param("width_rel", table_init, (relative_table_size(w, w), d_qk))
+        height_rel, width_rel = relative_tables(self, relative_table_size(h, h), relative_table_size(w, w), d_qk)
 
         y, weights = bottleneck_attention(q, k, v, height_rel, width_rel, self.scale_pos_embed)
         self.sow("intermediates", "attention", weights)

@@ -26,8 +26,8 @@ Deviations from the paper and choices it leaves open:
   C >= 128; the floor keeps small C working. The MLP layers have biases, as in the official code.
 
 On CPU the spatial gate's 7x7 conv (2 channels in, 1 out) is traced as one banded dot
-(:mod:`attnjax.ops.single_output_conv`), faster there than XLA's conv. Same parameters, same
-values and gradients.
+(:mod:`attnjax.ops.single_output_conv`, through :func:`attnjax.blocks.primitives.spatial_conv`), faster
+there than XLA's conv. Same parameters, same values and gradients.
 """
 
 from __future__ import annotations
@@ -38,14 +38,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import global_avg_pool, reduced_channels, sigmoid_gate
-from attnjax.ops.single_output_conv import single_output_conv
-from attnjax.validate import InputError, check_nhwc
-
-
-def global_max_pool(x: jax.Array) -> jax.Array:
-    """``m[n, 0, 0, c] = max_{h,w} x[n, h, w, c]``, shape (N, 1, 1, C)."""
-    return jnp.max(x, axis=(1, 2), keepdims=True)
+from attnjax.blocks.primitives import (
+    excitation_mlp,
+    global_avg_pool,
+    global_max_pool,
+    odd_size,
+    reduced_channels,
+    sigmoid_gate,
+    spatial_conv,
+)
+from attnjax.validate import check_nhwc
 
 
 def channel_pool(x: jax.Array) -> jax.Array:
@@ -53,54 +55,38 @@ def channel_pool(x: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.mean(x, axis=-1, keepdims=True), jnp.max(x, axis=-1, keepdims=True)], axis=-1)
 
 
-def spatial_conv(kernel_size: int, dtype=None) -> nn.Conv:
-    """The spatial gate's k x k conv to one channel, 'same' padding, named ``spatial_conv`` (call it when compact).
-
-    Runs through :func:`attnjax.ops.single_output_conv`, the backend's fastest formulation.
-    """
-    pad = (kernel_size - 1) // 2
-    return nn.Conv(
-        1,
-        (kernel_size, kernel_size),
-        padding=((pad, pad), (pad, pad)),
-        dtype=dtype,
-        conv_general_dilated=single_output_conv,
-        name="spatial_conv",
-    )
-
-
 class CBAM(nn.Module):
     """CBAM block: channel gate from a shared MLP on avg- and max-pooled features, then a 7x7 spatial gate.
 
     NHWC in, same shape out; C is read from the input. Sows ``intermediates/channel`` (N, 1, 1, C)
-    and ``intermediates/spatial`` (N, H, W, 1).
+    and ``intermediates/spatial`` (N, H, W, 1). The two pooling steps are the methods
+    :meth:`channel_logits` and :meth:`spatial_pool` (:class:`attnjax.blocks.lcbam.LightCBAM` replaces them).
     """
 
     reduction: int = 16
     kernel_size: int = 7
     dtype: Any = None
 
+    kernel_size_note = "the paper uses 7"  # for the error on an even kernel_size
+
+    def channel_logits(self, mlp, x: jax.Array) -> jax.Array:
+        """``MLP(avgpool(x)) + MLP(maxpool(x))``: the shared MLP on both descriptors, (N, 1, 1, C)."""
+        return mlp(global_avg_pool(x)) + mlp(global_max_pool(x))
+
+    def spatial_pool(self, x: jax.Array) -> jax.Array:
+        """The spatial gate's input, ``[mean_c x; max_c x]`` (N, H, W, 2)."""
+        return channel_pool(x)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no batch norm (see the module docstring) or dropout
-        check_nhwc(x, type(self).__name__)
-        k = self.kernel_size
-        if k < 1 or k % 2 == 0:
-            raise InputError(f"kernel_size must be a positive odd number (the paper uses 7), got {k}")
+        who = type(self).__name__
+        check_nhwc(x, who)
+        k = odd_size(self.kernel_size, "kernel_size", who, self.kernel_size_note)
         channels = x.shape[-1]
-        hidden = reduced_channels(channels, self.reduction)
-
-        reduce = nn.Dense(hidden, dtype=self.dtype, name="reduce")
-        expand = nn.Dense(channels, dtype=self.dtype, name="expand")
-
-        def mlp(z):  # shared by both pooled descriptors
-            return expand(nn.relu(reduce(z)))
-
-        x, channel_gate = sigmoid_gate(x, mlp(global_avg_pool(x)) + mlp(global_max_pool(x)))
-
-        spatial = spatial_conv(k, self.dtype)
-        x, spatial_gate = sigmoid_gate(x, spatial(channel_pool(x)))
-
+        mlp = excitation_mlp(channels, reduced_channels(channels, self.reduction), self.dtype)
+        x, channel_gate = sigmoid_gate(x, self.channel_logits(mlp, x))
+        x, spatial_gate = sigmoid_gate(x, spatial_conv(k, self.dtype)(self.spatial_pool(x)))
         self.sow("intermediates", "channel", channel_gate)
         self.sow("intermediates", "spatial", spatial_gate)
         return x

@@ -28,16 +28,10 @@ Choices and deviations:
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.eca import eca_kernel_size
-from attnjax.blocks.primitives import global_avg_pool, sigmoid_gate
-from attnjax.validate import InputError, check_nhwc
+from attnjax.blocks.eca import EfficientChannelAttention
 
 
 def circular_channel_conv(z: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -52,31 +46,14 @@ def circular_channel_conv(z: jax.Array, kernel: jax.Array) -> jax.Array:
     return sum(kernel[j] * jnp.roll(z, pad - j, axis=-1) for j in range(k))
 
 
-class CircularEfficientChannelAttention(nn.Module):
+class CircularEfficientChannelAttention(EfficientChannelAttention):
     """Circular ECA block: global average pool, circular 1-D conv of adaptive size k across channels, sigmoid.
 
     NHWC in, same shape out; C is read from the input and sets k (unless ``kernel_size`` is given).
     The single parameter is ``kernel`` of shape (k,). Sows the (N, 1, 1, C) gate as
-    ``intermediates/attention``.
+    ``intermediates/attention``. ECA's options, parameter and sown map; only the padding differs.
     """
 
-    gamma: float = 2
-    b: float = 1
-    kernel_size: int | None = None  # None: ECA's adaptive k
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train  # no batch norm or dropout
-        check_nhwc(x, type(self).__name__)
-        k = self.kernel_size
-        if k is None:
-            k = eca_kernel_size(x.shape[-1], self.gamma, self.b)
-        elif k < 1 or k % 2 == 0:
-            raise InputError(f"kernel_size must be a positive odd number (or None for the adaptive size), got {k}")
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(), out_axis=())
-        kernel = self.param("kernel", init, (k,))
-        z, kernel = promote_dtype(global_avg_pool(x), kernel, dtype=self.dtype)
-        y, gate = sigmoid_gate(x, circular_channel_conv(z, kernel))
-        self.sow("intermediates", "attention", gate)
-        return y
+    def channel_conv(self, z: jax.Array, kernel: jax.Array) -> jax.Array:
+        """The 1-D conv across channels: :func:`circular_channel_conv`, circular 'same' padding."""
+        return circular_channel_conv(z, kernel)

@@ -39,8 +39,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import reduced_channels
-from attnjax.layers import BATCH_AXIS, batch_norm
+from attnjax.blocks.primitives import block_batch_norm, reduced_channels
+from attnjax.layers import BATCH_AXIS
 from attnjax.validate import check_nhwc
 
 
@@ -90,7 +90,7 @@ class CoordinateAttention(nn.Module):
 
         f = stack_directions(*directional_pool(x))
         f = nn.Conv(mip, (1, 1), dtype=self.dtype, name="reduce")(f)
-        f = h_swish(batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="bn")(f))
+        f = h_swish(block_batch_norm(self, train, "bn")(f))
         f_h, f_w = split_directions(f, height)
         logits_h = nn.Conv(channels, (1, 1), dtype=self.dtype, name="expand_h")(f_h)
         logits_w = nn.Conv(channels, (1, 1), dtype=self.dtype, name="expand_w")(f_w)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.primitives import global_avg_pool, sigmoid_gate
+from attnjax.blocks.primitives import global_avg_pool, odd_size, sigmoid_gate
 from attnjax.validate import InputError, check_nhwc
 
 
@@ -47,6 +47,13 @@ def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
         raise InputError(f"gamma must be > 0, got {gamma}; the paper uses gamma=2")
     t = int(abs((math.log2(channels) + b) / gamma))
     return t if t % 2 else t + 1
+
+
+def adaptive_kernel_size(kernel_size: int | None, channels: int, gamma: float, b: float, who: str) -> int:
+    """``kernel_size`` (a positive odd number), or for ``None`` the adaptive :func:`eca_kernel_size` of C."""
+    if kernel_size is None:
+        return eca_kernel_size(channels, gamma, b)
+    return odd_size(kernel_size, "kernel_size", who, "or None for the adaptive size")
 
 
 def channel_conv(z: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -67,7 +74,8 @@ class EfficientChannelAttention(nn.Module):
 
     NHWC in, same shape out; C is read from the input and sets k (unless ``kernel_size`` is given).
     The single parameter is ``kernel`` of shape (k,). Sows the (N, 1, 1, C) gate as
-    ``intermediates/attention``.
+    ``intermediates/attention``. The 1-D conv is the method :meth:`channel_conv`
+    (:class:`attnjax.blocks.ceca.CircularEfficientChannelAttention` replaces it).
     """
 
     gamma: float = 2
@@ -75,19 +83,19 @@ class EfficientChannelAttention(nn.Module):
     kernel_size: int | None = None  # None: the adaptive k of the paper
     dtype: Any = None
 
+    def channel_conv(self, z: jax.Array, kernel: jax.Array) -> jax.Array:
+        """The 1-D conv across channels: :func:`channel_conv`, zero 'same' padding."""
+        return channel_conv(z, kernel)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no batch norm or dropout
-        check_nhwc(x, type(self).__name__)
-        k = self.kernel_size
-        if k is None:
-            k = eca_kernel_size(x.shape[-1], self.gamma, self.b)
-        elif k < 1 or k % 2 == 0:
-            raise InputError(f"kernel_size must be a positive odd number (or None for the adaptive size), got {k}")
+        who = type(self).__name__
+        check_nhwc(x, who)
+        k = adaptive_kernel_size(self.kernel_size, x.shape[-1], self.gamma, self.b, who)
         # LeCun normal with fan-in k, as nn.Conv would initialise a 1-in, 1-out width-k kernel
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(), out_axis=())
-        kernel = self.param("kernel", init, (k,))
+        kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(), out_axis=()), (k,))
         z, kernel = promote_dtype(global_avg_pool(x), kernel, dtype=self.dtype)
-        y, gate = sigmoid_gate(x, channel_conv(z, kernel))
+        y, gate = sigmoid_gate(x, self.channel_conv(z, kernel))
         self.sow("intermediates", "attention", gate)
         return y

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.eca import eca_kernel_size
+from attnjax.blocks.eca import adaptive_kernel_size
 from attnjax.blocks.primitives import global_avg_pool, sigmoid_gate
 from attnjax.validate import InputError, check_nhwc
 
@@ -93,26 +93,18 @@ class EfficientChannelAttentionMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train  # no batch norm or dropout
-        check_nhwc(x, type(self).__name__)
+        who = type(self).__name__
+        check_nhwc(x, who)
         channels = x.shape[-1]
-        k = self.kernel_size
-        if k is None:
-            k = eca_kernel_size(channels, self.gamma, self.b)
-        elif k < 1 or k % 2 == 0:
-            raise InputError(f"kernel_size must be a positive odd number (or None for the adaptive size), got {k}")
+        k = adaptive_kernel_size(self.kernel_size, channels, self.gamma, self.b, who)
         if self.reduction < 1:
             raise InputError(f"reduction must be >= 1 (timm uses 8), got {self.reduction}")
         hidden = make_divisible(channels / self.reduction, self.divisor)
-
-        def lecun(in_axis, out_axis):
-            return nn.initializers.variance_scaling(
-                1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
-            )
-
+        lecun = nn.initializers.lecun_normal
         params = (
-            self.param("hidden_kernel", lecun((), -1), (hidden,)),  # fan-in 1
+            self.param("hidden_kernel", lecun(in_axis=(), out_axis=-1), (hidden,)),  # fan-in 1
             self.param("hidden_bias", nn.initializers.zeros, (hidden,)),
-            self.param("kernel", lecun((0, 1), ()), (k, hidden)),  # fan-in k * m
+            self.param("kernel", lecun(in_axis=(0, 1), out_axis=()), (k, hidden)),  # fan-in k * m
             self.param("bias", nn.initializers.zeros, ()),
         )
         z, *params = promote_dtype(global_avg_pool(x), *params, dtype=self.dtype)

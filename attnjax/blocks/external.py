@@ -58,7 +58,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.layers import BATCH_AXIS, batch_norm
+from attnjax.blocks.primitives import block_batch_norm, spatial_softmax
+from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError, check_nhwc
 
 L1_EPSILON = 1e-9  # the official code's guard in the l1 normalisation
@@ -70,7 +71,7 @@ def double_normalisation(logits: jax.Array, epsilon: float = L1_EPSILON) -> jax.
     ``a^ = softmax over (H, W)`` per image and memory unit, then ``a = a^ / (epsilon + sum over S of a^)``
     per position.
     """
-    a = jax.nn.softmax(logits, axis=(1, 2))
+    a = spatial_softmax(logits)
     return a / (epsilon + jnp.sum(a, axis=-1, keepdims=True))
 
 
@@ -114,6 +115,6 @@ class ExternalAttention(nn.Module):
         out, attention = external_attention(features, memory_key, memory_value)
 
         out = nn.Conv(channels, (1, 1), use_bias=False, kernel_init=init, dtype=self.dtype, name="conv_out")(out)
-        out = batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="conv_out_bn")(out)
+        out = block_batch_norm(self, train, "conv_out_bn")(out)
         self.sow("intermediates", "attention", attention)
         return nn.relu(x + out)

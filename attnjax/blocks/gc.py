@@ -34,22 +34,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from attnjax.blocks.primitives import reduced_channels
-from attnjax.blocks.softmax import spatial_softmax
+from attnjax.blocks.primitives import attention_pool, reduced_channels
 from attnjax.layers import layer_norm
 from attnjax.validate import check_nhwc
-
-
-def attention_pool(x: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Softmax-weighted sum over positions: ``a = softmax over (H, W) of logits``, ``c = sum_{h,w} a * x``.
-
-    ``logits`` is (N, H, W, 1), so ``c[n, 0, 0, :] = sum_{h,w} a[n, h, w, 0] * x[n, h, w, :]``.
-    Returns ``(c, a)``: c of shape (N, 1, 1, C), a of the shape of ``logits``.
-    """
-    weights = spatial_softmax(logits)
-    return jnp.sum(weights * x, axis=(1, 2), keepdims=True), weights
 
 
 def context_transform(
@@ -71,12 +59,17 @@ class GlobalContext(nn.Module):
     """GC block: softmax attention pooling to one context vector, bottleneck transform with LayerNorm, add.
 
     NHWC in, same shape out; C is read from the input. Sows the (N, H, W, 1) softmax weights as
-    ``intermediates/attention``.
+    ``intermediates/attention``. The fusion step is the method :meth:`fuse`
+    (:class:`attnjax.blocks.gca.GlobalContextGate` replaces it).
     """
 
     reduction: int = 16
     zero_init_last: bool = True
     dtype: Any = None
+
+    def fuse(self, x: jax.Array, t: jax.Array) -> jax.Array:
+        """Fusion by addition: ``y = x + t``, the transform broadcast over the positions."""
+        return x + t
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -87,8 +80,7 @@ class GlobalContext(nn.Module):
 
         logits = nn.Conv(1, (1, 1), use_bias=False, dtype=self.dtype, name="context")(x)
         context, weights = attention_pool(x, logits)
-
         t = context_transform(context, channels, hidden, zero_init_last=self.zero_init_last, dtype=self.dtype)
 
         self.sow("intermediates", "attention", weights)
-        return x + t
+        return self.fuse(x, t)

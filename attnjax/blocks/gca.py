@@ -13,9 +13,9 @@ What it computes, for NHWC ``x`` with C channels and r = 16::
     g = sigmoid(t)                                            (N, 1, 1, C)
     y = x * g                                                 fusion by scaling, broadcast over positions
 
-Context modelling and the transform are :mod:`attnjax.blocks.gc`'s own functions
-(:func:`~attnjax.blocks.gc.attention_pool`, :func:`~attnjax.blocks.gc.context_transform`), with the
-same parameter names (``context``, ``reduce``, ``norm``, ``expand``).
+Context modelling and the transform are :class:`attnjax.blocks.gc.GlobalContext`'s own (the block is its
+subclass with another fusion step), with the same parameter names (``context``, ``reduce``, ``norm``,
+``expand``).
 
 Sown maps: ``intermediates/attention``, the softmax weights ``a`` of shape (N, H, W, 1), positive and
 summing to 1 over the positions of each image; ``intermediates/channel``, the gate ``g`` of shape
@@ -47,39 +47,24 @@ Choices and deviations:
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.linen as nn
 import jax
 
-from attnjax.blocks.gc import attention_pool, context_transform
-from attnjax.blocks.primitives import reduced_channels, sigmoid_gate
-from attnjax.validate import check_nhwc
+from attnjax.blocks.gc import GlobalContext
+from attnjax.blocks.primitives import sigmoid_gate
 
 
-class GlobalContextGate(nn.Module):
+class GlobalContextGate(GlobalContext):
     """GC with scaling fusion: softmax attention pooling, GC's bottleneck transform, sigmoid gate, multiply.
 
     NHWC in, same shape out; C is read from the input. Sows the (N, H, W, 1) softmax weights as
-    ``intermediates/attention`` and the (N, 1, 1, C) gate as ``intermediates/channel``.
+    ``intermediates/attention`` and the (N, 1, 1, C) gate as ``intermediates/channel``. GC's layers
+    and options, with ``zero_init_last=False`` by default; only the fusion differs.
     """
 
-    reduction: int = 16
     zero_init_last: bool = False
-    dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train  # LayerNorm, no batch statistics
-        check_nhwc(x, type(self).__name__)
-        channels = x.shape[-1]
-        hidden = reduced_channels(channels, self.reduction)
-
-        logits = nn.Conv(1, (1, 1), use_bias=False, dtype=self.dtype, name="context")(x)
-        context, weights = attention_pool(x, logits)
-        t = context_transform(context, channels, hidden, zero_init_last=self.zero_init_last, dtype=self.dtype)
+    def fuse(self, x: jax.Array, t: jax.Array) -> jax.Array:
+        """Fusion by scaling: ``g = sigmoid(t)``, ``y = x * g``; sows ``g`` as ``intermediates/channel``."""
         y, gate = sigmoid_gate(x, t)
-
-        self.sow("intermediates", "attention", weights)
         self.sow("intermediates", "channel", gate)
         return y

@@ -76,8 +76,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.primitives import global_avg_pool, reduced_channels, sigmoid_gate
-from attnjax.layers import BATCH_AXIS, batch_norm
+from attnjax.blocks.primitives import block_batch_norm, excitation_mlp, global_avg_pool, reduced_channels, sigmoid_gate
+from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError, check_nhwc
 
 
@@ -182,11 +182,8 @@ class GatherExcite(nn.Module):
         _, height, width, channels = x.shape
         hidden = reduced_channels(channels, self.reduction) if self.use_mlp else None
 
-        def bn(name):
-            return batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name=name)
-
         # LeCun normal with fan-in kh * kw (a depthwise kernel sees one channel)
-        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(), out_axis=-1)
+        init = nn.initializers.lecun_normal(in_axis=(), out_axis=-1)
         if not self.extra_params:
             g = average_gather(x, self.extent)
         elif self.extent == 0:
@@ -199,17 +196,16 @@ class GatherExcite(nn.Module):
                         f"finite extent (2, 4, 8) or extra_params=False for other sizes, or initialise it for this size"
                     )
             g, kernel = promote_dtype(x, self.param("gather_0", init, (height, width, channels)), dtype=self.dtype)
-            g = bn("gather_0_bn")(global_depthwise(g, kernel))
+            g = block_batch_norm(self, train, "gather_0_bn")(global_depthwise(g, kernel))
         else:
             g = x
             for i in range(num_convs):
                 g, kernel = promote_dtype(g, self.param(f"gather_{i}", init, (3, 3, channels)), dtype=self.dtype)
-                g = bn(f"gather_{i}_bn")(depthwise_conv(g, kernel, stride=2, padding=1))
+                g = block_batch_norm(self, train, f"gather_{i}_bn")(depthwise_conv(g, kernel, stride=2, padding=1))
                 if i < num_convs - 1:
                     g = nn.relu(g)
         if self.use_mlp:
-            g = nn.relu(nn.Dense(hidden, dtype=self.dtype, name="reduce")(g))
-            g = nn.Dense(channels, dtype=self.dtype, name="expand")(g)
+            g = excitation_mlp(channels, hidden, self.dtype)(g)
         y, gate = excite(x, g, global_extent=self.extent == 0)
         self.sow("intermediates", "attention", gate)
         return y

@@ -41,7 +41,8 @@ Choices and deviations:
   2(b + 2h) - 1 rows and reads only its last 2(b + h) - 1 (row ``offset + w - 1 + h``): the
   same function, without 2h rows that never get a gradient. timm's tables load as ``rel[2h:]``.
 - Heads: timm's default 8; ``num_heads=None`` (the default) takes the largest divisor of C that
-  is at most 8 (13 -> 1, 3 -> 3, 37 -> 1, 64 -> 8); an explicit count must divide C.
+  is at most ``max_heads`` (8) (13 -> 1, 3 -> 3, 37 -> 1, 64 -> 8); an explicit count must divide C
+  (:func:`attnjax.blocks.primitives.resolve_heads`).
 - q/k width ``dim_head=None``: d = C / heads (timm rounds the q/k width to a multiple of 8: the
   same for C divisible by 8). Scale ``d^-1/2`` on the content logits only (timm's
   ``scale_pos_embed=False``; an option here too). No qkv bias (timm's default, an option).
@@ -53,7 +54,7 @@ Choices and deviations:
 - Parameters are laid out as timm's: ``q`` conv (head-major), ``kv`` conv with each head's d key
   channels followed by its C/heads value channels.
 - The windows are gathered with static indices from the zero-padded k and v (no unfold needed);
-  the relative lookup is :func:`attnjax.blocks.relative_position.relative_logits_2d`.
+  the relative lookup is :func:`attnjax.blocks.primitives.relative_logits_2d`.
 """
 
 from __future__ import annotations
@@ -65,19 +66,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.blocks.relative_position import (
+from attnjax.blocks.primitives import (
     attention_logits,
     head_widths,
     relative_logits_2d,
     relative_table_size,
-    resolve_num_heads,
+    relative_tables,
+    resolve_heads,
     scale_for,
     softmax_in_float32,
-    truncated_normal_init,
+    timm_projection,
 )
 from attnjax.validate import InputError, check_nhwc
-
-DEFAULT_HEADS = 8
 
 
 def _ceil_to(size: int, multiple: int) -> int:
@@ -151,7 +151,8 @@ class HaloAttention(nn.Module):
     (N, heads, H'/b, W'/b, b*b, (b + 2h)^2) as ``intermediates/attention``.
     """
 
-    num_heads: int | None = None  # None: the largest divisor of C up to 8
+    num_heads: int | None = None  # None: the largest divisor of C up to max_heads
+    max_heads: int = 8
     dim_head: int | None = None  # q/k width per head; None: C / heads
     block_size: int = 8
     halo_size: int = 3
@@ -170,26 +171,15 @@ class HaloAttention(nn.Module):
                 f"halo_size={self.halo_size}"
             )
         n, h, w, c = x.shape
-        heads = resolve_num_heads(c, self.num_heads, DEFAULT_HEADS, who)
+        heads = resolve_heads(c, self.num_heads, self.max_heads, who)
         d_qk, d_v = head_widths(c, heads, self.dim_head, who)
 
-        def conv(features, name):
-            return nn.Conv(
-                features,
-                (1, 1),
-                use_bias=self.qkv_bias,
-                kernel_init=truncated_normal_init(c**-0.5),
-                dtype=self.dtype,
-                name=name,
-            )(x)
-
-        q = conv(heads * d_qk, "q").reshape(n, h, w, heads, d_qk)
-        kv = conv(heads * (d_qk + d_v), "kv").reshape(n, h, w, heads, d_qk + d_v)
+        q = timm_projection(heads * d_qk, c, self.qkv_bias, self.dtype, "q")(x).reshape(n, h, w, heads, d_qk)
+        kv = timm_projection(heads * (d_qk + d_v), c, self.qkv_bias, self.dtype, "kv")(x)
+        kv = kv.reshape(n, h, w, heads, d_qk + d_v)
         k, v = kv[..., :d_qk], kv[..., d_qk:]
         rows = relative_table_size(self.block_size, self.block_size + 2 * self.halo_size)
-        table_init = truncated_normal_init(scale_for(d_qk))
-        height_rel = self.param("height_rel", table_init, (rows, d_qk))
-        width_rel = self.param("width_rel", table_init, (rows, d_qk))
+        height_rel, width_rel = relative_tables(self, rows, rows, d_qk)
 
         y, weights = halo_attention(
             q, k, v, height_rel, width_rel, self.block_size, self.halo_size, self.scale_pos_embed

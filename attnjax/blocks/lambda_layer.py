@@ -42,10 +42,11 @@ Choices and deviations (timm's ``LambdaLayer`` decides what the paper leaves ope
   fuses them into one ``qkv`` conv, whose weight is theirs stacked [h*k, k, v]: the same function);
   separate dots also round a little more evenly across batch sizes on XLA:CPU. Heads are
   channel-major (query channel ``head*k + j``, output channel ``head*v + c``) as in timm.
-- Heads that C does not divide (the block must run on any C): the number of heads used is the
-  largest divisor of C that is at most ``num_heads``, so v = C / heads and the output has exactly
-  C channels: C = 64 -> 4 heads of v = 16; C = 13 or 37 (prime) -> 1 head of v = C; C = 3 -> 3
-  heads of v = 1; C = 6 -> 3 heads. timm asserts that C divides instead.
+- Heads that C does not divide (the block must run on any C): with ``num_heads=None`` (the default)
+  the number of heads used is the largest divisor of C that is at most ``max_heads`` (4), so v = C /
+  heads and the output has exactly C channels: C = 64 -> 4 heads of v = 16; C = 13 or 37 (prime) -> 1
+  head of v = C; C = 3 -> 3 heads of v = 1; C = 6 -> 3 heads. An explicit ``num_heads`` must divide C,
+  as timm asserts (:func:`attnjax.blocks.primitives.resolve_heads`, the rule of every multi-head block).
 - The lambda convolution has no bias (the paper's position lambdas are ``E^T V``, and its code's
   conv3d has none; timm's Conv3d carries PyTorch's default bias). r must be odd, so that the output
   keeps the input's size (timm's ``r // 2`` padding would grow it by one for even r).
@@ -77,22 +78,16 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.layers import BATCH_AXIS, batch_norm
+from attnjax.blocks.primitives import block_batch_norm, odd_size, resolve_heads, spatial_softmax
+from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError, check_nhwc
 
 POSITION_EMBEDDINGS = ("local", "global")
 
 
-def lambda_heads(channels: int, num_heads: int = 4) -> int:
-    """The number of heads used for C = ``channels``: the largest divisor of C that is at most ``num_heads``."""
-    if num_heads < 1:
-        raise InputError(f"num_heads must be >= 1, got {num_heads}")
-    return max(d for d in range(1, min(num_heads, channels) + 1) if channels % d == 0)
-
-
 def normalised_keys(keys: jax.Array) -> jax.Array:
     """``K_bar``: softmax over the positions (axes 1, 2) of ``(N, H, W, k)`` keys, per image and key channel."""
-    return jax.nn.softmax(keys, axis=(1, 2))
+    return spatial_softmax(keys)
 
 
 def content_lambda(keys: jax.Array, values: jax.Array) -> jax.Array:
@@ -134,12 +129,13 @@ def apply_lambdas(queries: jax.Array, content: jax.Array, position: jax.Array) -
 class LambdaLayer(nn.Module):
     """Lambda layer: queries applied to a content lambda (softmax keys^T values) plus relative position lambdas.
 
-    NHWC in, same shape out; C is read from the input (heads: the largest divisor of C up to
-    ``num_heads``). ``train`` selects batch statistics. Sows the normalised keys ``(N, H, W, k)``
-    as ``intermediates/keys``.
+    NHWC in, same shape out; C is read from the input (heads: ``num_heads``, or for ``None`` the largest
+    divisor of C up to ``max_heads``). ``train`` selects batch statistics. Sows the normalised keys
+    ``(N, H, W, k)`` as ``intermediates/keys``.
     """
 
-    num_heads: int = 4
+    num_heads: int | None = None  # None: the largest divisor of C up to max_heads
+    max_heads: int = 4
     dim_head: int = 16  # the query/key depth k
     r: int = 9  # the lambda convolution's local context (odd); used with position_embedding="local"
     position_embedding: str = "local"  # "local": lambda conv of size r; "global": (2H-1, 2W-1, k) relative table
@@ -157,18 +153,18 @@ class LambdaLayer(nn.Module):
                 f"{who}: position_embedding must be one of {', '.join(POSITION_EMBEDDINGS)}, "
                 f"got {self.position_embedding!r}"
             )
-        if self.position_embedding == "local" and (self.r < 1 or self.r % 2 == 0):
-            raise InputError(f"{who}: r must be an odd integer >= 1 (the output keeps the input's size), got {self.r}")
+        if self.position_embedding == "local":
+            odd_size(self.r, "r", who, "so that the output keeps the input's size; timm uses 9")
         n, h, w, channels = x.shape
-        heads = lambda_heads(channels, self.num_heads)
+        heads = resolve_heads(channels, self.num_heads, self.max_heads, who)
         k, v = self.dim_head, channels // heads
 
         def projection(features, name):
             return nn.Conv(features, (1, 1), use_bias=False, dtype=self.dtype, name=name)(x)
 
         q, keys, values = projection(heads * k, "query"), projection(k, "key"), projection(v, "value")
-        q = batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="norm_q")(q)
-        values = batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="norm_v")(values)
+        q = block_batch_norm(self, train, "norm_q")(q)
+        values = block_batch_norm(self, train, "norm_v")(values)
         keys = normalised_keys(keys)
         content = content_lambda(keys, values)
 

@@ -36,15 +36,11 @@ On CPU the spatial gate's 7x7 conv (1 channel in, 1 out) is traced as one banded
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.cbam import global_max_pool, spatial_conv
-from attnjax.blocks.primitives import global_avg_pool, reduced_channels, sigmoid_gate
-from attnjax.validate import InputError, check_nhwc
+from attnjax.blocks.cbam import CBAM
+from attnjax.blocks.primitives import global_avg_pool, global_max_pool
 
 
 def light_global_pool(x: jax.Array) -> jax.Array:
@@ -57,35 +53,21 @@ def light_channel_pool(x: jax.Array) -> jax.Array:
     return 0.5 * jnp.mean(x, axis=-1, keepdims=True) + 0.5 * jnp.max(x, axis=-1, keepdims=True)
 
 
-class LightCBAM(nn.Module):
+class LightCBAM(CBAM):
     """Light CBAM block: channel gate from one MLP pass on the averaged avg/max descriptor, then a 7x7 spatial
     gate on the averaged channel mean/max map.
 
     NHWC in, same shape out; C is read from the input. Sows ``intermediates/channel`` (N, 1, 1, C)
-    and ``intermediates/spatial`` (N, H, W, 1).
+    and ``intermediates/spatial`` (N, H, W, 1). CBAM's layers, options and sown maps; only the two
+    poolings differ.
     """
 
-    reduction: int = 16
-    kernel_size: int = 7
-    dtype: Any = None
+    kernel_size_note = "timm uses 7"
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train  # no batch norm (see the module docstring) or dropout
-        check_nhwc(x, type(self).__name__)
-        k = self.kernel_size
-        if k < 1 or k % 2 == 0:
-            raise InputError(f"kernel_size must be a positive odd number (timm uses 7), got {k}")
-        channels = x.shape[-1]
-        hidden = reduced_channels(channels, self.reduction)
+    def channel_logits(self, mlp, x: jax.Array) -> jax.Array:
+        """``MLP(0.5 avgpool(x) + 0.5 maxpool(x))``: one pass of the MLP, (N, 1, 1, C)."""
+        return mlp(light_global_pool(x))
 
-        z = nn.Dense(hidden, dtype=self.dtype, name="reduce")(light_global_pool(x))
-        z = nn.Dense(channels, dtype=self.dtype, name="expand")(nn.relu(z))
-        x, channel_gate = sigmoid_gate(x, z)
-
-        spatial = spatial_conv(k, self.dtype)
-        x, spatial_gate = sigmoid_gate(x, spatial(light_channel_pool(x)))
-
-        self.sow("intermediates", "channel", channel_gate)
-        self.sow("intermediates", "spatial", spatial_gate)
-        return x
+    def spatial_pool(self, x: jax.Array) -> jax.Array:
+        """The spatial gate's input, ``0.5 mean_c(x) + 0.5 max_c(x)`` (N, H, W, 1)."""
+        return light_channel_pool(x)

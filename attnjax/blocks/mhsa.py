@@ -31,6 +31,9 @@ Choices:
   initialisation and can be inserted into a network without disturbing it. The price: in
   the first step only W_o receives a gradient (q, k and v do from the second step on).
 - All four 1x1 projections have a bias, as in the Transformer and ViT.
+- Heads: 4 (``num_heads``), which must divide C; ``num_heads=None`` takes the largest divisor of C
+  up to ``max_heads`` instead (:func:`attnjax.blocks.primitives.resolve_heads`, the rule of every
+  multi-head block).
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attnjax.blocks.primitives import resolve_heads
 from attnjax.ops import attention
-from attnjax.validate import InputError, check_nhwc
+from attnjax.validate import check_nhwc
 
 
 def sinusoidal_encoding_1d(length: int, channels: int, temperature: float = 10000.0) -> jax.Array:
@@ -93,12 +97,13 @@ def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
 class MultiHeadSelfAttention(nn.Module):
     """Multi-head self-attention over positions, sinusoidal 2-D positions on q and k, zero-initialised output, residual.
 
-    NHWC in, same shape out; C is read from the input and must be divisible by ``num_heads``.
-    When ``intermediates`` is mutable, sows the softmax weights ``(N, heads, H*W, H*W)`` as
-    ``intermediates/attention``.
+    NHWC in, same shape out; C is read from the input and must be divisible by ``num_heads``
+    (``None``: the largest divisor of C up to ``max_heads``). When ``intermediates`` is mutable, sows
+    the softmax weights ``(N, heads, H*W, H*W)`` as ``intermediates/attention``.
     """
 
-    num_heads: int = 4
+    num_heads: int | None = 4  # None: the largest divisor of C up to max_heads
+    max_heads: int = 4
     temperature: float = 10000.0
     dtype: Any = None
 
@@ -108,19 +113,13 @@ class MultiHeadSelfAttention(nn.Module):
         who = type(self).__name__
         check_nhwc(x, who)
         n, h, w, c = x.shape
-        if self.num_heads < 1 or c % self.num_heads:
-            divisors = [d for d in range(1, c + 1) if c % d == 0]
-            listed = ", ".join(map(str, divisors[:8])) + (", ..." if len(divisors) > 8 else "")
-            raise InputError(
-                f"{who}: num_heads={self.num_heads} does not divide the {c} input channels; "
-                f"choose num_heads from the divisors of {c}: {listed}"
-            )
-        head_dim = c // self.num_heads
+        heads = resolve_heads(c, self.num_heads, self.max_heads, who)
+        head_dim = c // heads
         x_pos = x + sinusoidal_position_encoding_2d(h, w, c, self.temperature).astype(x.dtype)
 
         def project(name, inputs):
             y = nn.Conv(c, (1, 1), dtype=self.dtype, name=name)(inputs)
-            return y.reshape(n, h * w, self.num_heads, head_dim)
+            return y.reshape(n, h * w, heads, head_dim)
 
         q, k, v = project("query", x_pos), project("key", x_pos), project("value", x)
         o = attention.dot_product_attention(q, k, v).reshape(n, h, w, c)

@@ -45,17 +45,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import global_avg_pool, reduced_channels
+from attnjax.blocks.primitives import attention_pool, global_avg_pool, reduced_channels
+from attnjax.layers import layer_norm
 from attnjax.validate import check_nhwc
-
-
-def channel_only_context(values: jax.Array, query: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Channel-only branch's pooling: ``w = softmax over (H, W) of query``, ``c = sum_{h,w} w * values``.
-
-    ``values`` is (N, H, W, K) and ``query`` (N, H, W, 1). Returns ``(c, w)``: c (N, 1, 1, K), w as ``query``.
-    """
-    weights = jax.nn.softmax(query, axis=(1, 2))
-    return jnp.sum(weights * values, axis=(1, 2), keepdims=True), weights
 
 
 def spatial_only_logits(values: jax.Array, query: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -102,11 +94,10 @@ class PolarizedSelfAttention(nn.Module):
         def conv(features, name, init=he):
             return nn.Conv(features, (1, 1), use_bias=False, kernel_init=init, dtype=self.dtype, name=name)
 
-        context, channel_weights = channel_only_context(conv(inner, "channel_value")(x), conv(1, "channel_query")(x))
+        # the channel-only branch's pooling: w = softmax over (H, W) of W_q x, c = sum_{h,w} w * W_v x
+        context, channel_weights = attention_pool(conv(inner, "channel_value")(x), conv(1, "channel_query")(x))
         channel_logits = conv(channels, "channel_out", nn.linear.default_kernel_init)(context)
-        channel_logits = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=self.dtype, name="channel_norm")(
-            channel_logits
-        )
+        channel_logits = layer_norm(dtype=self.dtype, name="channel_norm")(channel_logits)
         spatial_logits, spatial_weights = spatial_only_logits(
             conv(inner, "spatial_value")(x), conv(inner, "spatial_query")(x)
         )

@@ -22,7 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from attnjax.blocks.primitives import global_avg_pool, reduced_channels, sigmoid_gate
+from attnjax.blocks.primitives import excitation_mlp, global_avg_pool, reduced_channels, sigmoid_gate
 from attnjax.validate import check_nhwc
 
 
@@ -41,10 +41,7 @@ class SqueezeExcitation(nn.Module):
         del train  # no batch norm or dropout
         check_nhwc(x, type(self).__name__)
         channels = x.shape[-1]
-        hidden = reduced_channels(channels, self.reduction)
-        z = global_avg_pool(x)
-        z = nn.relu(nn.Dense(hidden, dtype=self.dtype, name="reduce")(z))
-        z = nn.Dense(channels, dtype=self.dtype, name="expand")(z)
-        y, gate = sigmoid_gate(x, z)
+        excitation = excitation_mlp(channels, reduced_channels(channels, self.reduction), self.dtype)
+        y, gate = sigmoid_gate(x, excitation(global_avg_pool(x)))
         self.sow("intermediates", "attention", gate)
         return y

@@ -50,8 +50,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import reduced_channels
-from attnjax.layers import BATCH_AXIS, batch_norm
+from attnjax.blocks.primitives import block_batch_norm, reduced_channels
+from attnjax.layers import BATCH_AXIS
 from attnjax.ops.grouped_conv import grouped_conv
 from attnjax.validate import InputError, check_nhwc
 
@@ -111,12 +111,12 @@ class SelectiveKernelAttention(nn.Module):
                 conv_general_dilated=grouped_conv,
                 name=f"conv_{m}",
             )(x)
-            branches.append(nn.relu(batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name=f"bn_{m}")(u)))
+            branches.append(nn.relu(block_batch_norm(self, train, f"bn_{m}")(u)))
         branches = jnp.stack(branches, axis=-1)
 
         s = jnp.mean(jnp.sum(branches, axis=-1), axis=(1, 2), keepdims=True)
         z = nn.Dense(hidden, use_bias=False, dtype=self.dtype, name="fuse")(s)
-        z = nn.relu(batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="fuse_bn")(z))
+        z = nn.relu(block_batch_norm(self, train, "fuse_bn")(z))
         logits = jnp.stack(
             [
                 nn.Dense(channels, use_bias=False, dtype=self.dtype, name=f"select_{m}")(z)

@@ -17,14 +17,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from attnjax.blocks.primitives import spatial_softmax
 from attnjax.validate import check_nhwc
-
-SPATIAL_AXES = (-3, -2)  # H and W of an NHWC array
-
-
-def spatial_softmax(scores: jax.Array) -> jax.Array:
-    """``softmax`` over the H and W axes of NHWC ``scores``, separately per image and channel."""
-    return jax.nn.softmax(scores, axis=SPATIAL_AXES)
 
 
 def softmax_attention(x: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -60,8 +60,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import reduced_channels
-from attnjax.layers import BATCH_AXIS, batch_norm
+from attnjax.blocks.primitives import block_batch_norm, reduced_channels
+from attnjax.layers import BATCH_AXIS
 from attnjax.ops.grouped_conv import grouped_conv
 from attnjax.validate import InputError, check_nhwc
 
@@ -134,7 +134,7 @@ class SplitAttention(nn.Module):
             conv_general_dilated=grouped_conv,
             name="conv",
         )(x)
-        u = nn.relu(batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="bn0")(u))
+        u = nn.relu(block_batch_norm(self, train, "bn0")(u))
         splits = jnp.moveaxis(u.reshape(n, h, w, radix, channels), 3, -1)  # (N, H, W, C, R)
 
         # GAP(sum_r U_r), as the sum of the splits' means (GAP is linear): bn1 normalises over the batch, and for
@@ -153,7 +153,7 @@ class SplitAttention(nn.Module):
             )
 
         z = fc(hidden, False, "fc1")(s)
-        z = nn.relu(batch_norm(train, axis_name=self.axis_name, dtype=self.dtype, name="bn1")(z))
+        z = nn.relu(block_batch_norm(self, train, "bn1")(z))
         logits = fc(channels * radix, True, "fc2")(z)  # (N, 1, 1, R*C), cardinal-major
         weights = radix_softmax(logits, radix, k)  # (N, 1, 1, C, R)
 

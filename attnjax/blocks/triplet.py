@@ -48,9 +48,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.layers import BATCH_AXIS, batch_norm
+from attnjax.blocks.primitives import block_batch_norm, odd_size
+from attnjax.layers import BATCH_AXIS
 from attnjax.ops.single_output_conv import single_output_conv
-from attnjax.validate import InputError, check_nhwc
+from attnjax.validate import check_nhwc
 
 # For each branch, the NHWC permutation that puts the conv plane (rows, cols) at axes 1, 2
 # and the pooled axis last.
@@ -100,11 +101,7 @@ class TripletAttention(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         who = type(self).__name__
         check_nhwc(x, who)
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise InputError(
-                f"{who}: kernel_size must be a positive odd number (so the gate keeps the map's size), "
-                f"got {self.kernel_size}; the paper uses 7."
-            )
+        odd_size(self.kernel_size, "kernel_size", who, "so that the gate keeps the map's size; the paper uses 7")
         pad = (self.kernel_size - 1) // 2
         gates = []
         for branch in ("cw", "hc") if self.no_spatial else ("cw", "hc", "hw"):
@@ -117,7 +114,7 @@ class TripletAttention(nn.Module):
                 conv_general_dilated=single_output_conv,
                 name=f"{branch}_conv",
             )(z_pool(rotate(x, branch)))
-            t = batch_norm(train, axis_name=self.axis_name, momentum=0.99, dtype=self.dtype, name=f"{branch}_bn")(t)
+            t = block_batch_norm(self, train, f"{branch}_bn", momentum=0.99)(t)
             gate = rotate_back(jax.nn.sigmoid(t), branch)
             self.sow("intermediates", SOWN_NAMES[branch], gate)
             gates.append(gate)

@@ -34,10 +34,9 @@ from collections.abc import Sequence
 import jax
 from tqdm.auto import tqdm
 
-from attnjax import blocks, checkpoint, data, models, train
+from attnjax import blocks, data, models, train
 from attnjax.compare import cost, plots, report
-from attnjax.config import Config
-from attnjax.preemption import Interrupted, Preemption
+from attnjax.train import Config, Interrupted, Preemption, checkpoint
 from attnjax.validate import InputError
 
 BASELINE = models.NO_BLOCK
@@ -124,7 +123,7 @@ def check_runs(base: Config, entries: Sequence[Entry], seeds: Sequence[int], wor
     for entry in entries:
         for seed in seeds:
             rundir = run_dir(workdir, entry, seed)
-            saved = train._read_config(rundir)
+            saved = train.read_config(rundir)
             diff = run_config(base, entry, seed).trajectory_diff(saved) if saved is not None else []
             if diff:
                 raise InputError(
@@ -296,7 +295,7 @@ def run_study(
     """Train every (entry, seed) not yet finished, seed by seed, then write the study's outputs.
 
     A run that diverges is reported and the study goes on; an interruption (SIGTERM/SIGINT,
-    :class:`attnjax.preemption.Interrupted`) writes the outputs of the runs finished so far and
+    :class:`attnjax.train.Interrupted`) writes the outputs of the runs finished so far and
     is raised again. Rerunning continues where it stopped.
     """
     for entry in entries:

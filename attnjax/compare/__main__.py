@@ -10,11 +10,10 @@ import dataclasses
 import shlex
 import sys
 
-from attnjax import cli, models
 from attnjax import compare as study
-from attnjax.checkpoint import CheckpointError
-from attnjax.config import Config
-from attnjax.preemption import Interrupted
+from attnjax import models, xla_options
+from attnjax.train import Config, cli
+from attnjax.train.exits import EXIT_DIVERGED, exit_on_failure
 from attnjax.validate import InputError
 
 MULTI_HOST = ("distributed", "coordinator_address", "num_processes", "process_id")
@@ -78,32 +77,17 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     base, entries, seeds, workdir, repeats, progress = parse_args(argv)
     command = "python -m attnjax.compare " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
-        cli.configure_xla_flags(base.xla_options)  # before JAX starts its backend: pmap reads XLA_FLAGS
+    interrupted = (
+        f"\nThe summary of the runs finished so far is in {workdir}; rerun the same command to continue the study."
+    )
+    aborted = (
+        f"aborted by Ctrl-C; the finished runs and committed checkpoints in {workdir} are kept: rerun the same "
+        "command to continue"
+    )
+    with exit_on_failure(interrupted_note=interrupted, aborted=aborted):
+        xla_options.configure_xla_flags(base.xla_options)  # before JAX starts its backend: pmap reads XLA_FLAGS
         print(f"attnjax.compare: {len(entries)} entries, seeds {seeds}; writing to {workdir}", flush=True)
         outcome = study.run_study(base, entries, seeds, workdir, repeats=repeats, progress=progress, command=command)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(cli.EXIT_BAD_INPUT)
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(cli.EXIT_CHECKPOINT)
-    except Interrupted as error:
-        print(
-            f"stopped: {error}\nThe summary of the runs finished so far is in {workdir}; rerun the same command "
-            "to continue the study.",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(cli.EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        print(
-            f"aborted by Ctrl-C; the finished runs and committed checkpoints in {workdir} are kept: rerun the same "
-            "command to continue",
-            file=sys.stderr,
-            flush=True,
-        )
-        sys.exit(cli.EXIT_ABORTED)
     print(f"attnjax.compare: {outcome.finished} of {outcome.total} runs finished; summary in {workdir}/summary.md")
     for line in study.report.plain_words(outcome.rows, study.BASELINE):
         print("  " + line)
@@ -111,7 +95,7 @@ def main(argv=None) -> None:
         print("diverged (rerunning retries them; a lower --learning-rate may help):", file=sys.stderr)
         for line in outcome.diverged:
             print("  " + line, file=sys.stderr)
-        sys.exit(cli.EXIT_DIVERGED)
+        sys.exit(EXIT_DIVERGED)
 
 
 if __name__ == "__main__":

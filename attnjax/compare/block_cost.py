@@ -1,7 +1,7 @@
 """Cost of every registered block, side by side: parameters, XLA FLOPs and train-step time.
 
-    python -m attnjax.blocks                                   # C=64, 16x16, batch 8, every block
-    python -m attnjax.blocks --channels 256 --height 14 --width 14 --blocks se,cbam,gc --markdown
+    python -m attnjax.compare.block_cost                       # C=64, 16x16, batch 8, every block
+    python -m attnjax.compare.block_cost --channels 256 --height 14 --width 14 --blocks se,cbam,gc --markdown
 
 For each block at one input shape (N, H, W, C) it reports
 
@@ -21,11 +21,12 @@ For each block at one input shape (N, H, W, C) it reports
   one far above 1 is a pathology of the compiler or of the formulation, not of the block's math.
   Blocks of little arithmetic (memory-bound, a few small ops) sit above 1 by nature.
 
-The timings are taken side by side: after compiling and warming up every step, each repeat runs
-every block once, in an order rotated by one block per repeat, so that machine noise and drift
-fall on all blocks alike; the medians over the repeats are reported. XLA's FLOP counts are those of
-the optimised HLO on the current backend (the counts of custom calls such as cuDNN kernels may be
-missing); they count a multiply-add as 2 FLOPs.
+The timings are taken side by side, by the timer the study's network cost uses too
+(:func:`attnjax.compare.measure.side_by_side`): after compiling and warming up every step, each
+repeat runs every block once, in an order rotated by one block per repeat, so that machine noise
+and drift fall on all blocks alike; the medians over the repeats are reported. XLA's FLOP counts
+are those of the optimised HLO on the current backend (the counts of custom calls such as cuDNN
+kernels may be missing); they count a multiply-add as 2 FLOPs.
 
 Steps are timed as training compiles them: with attnjax's XLA:CPU options
 (:mod:`attnjax.xla_options`) and the backend's formulations (:mod:`attnjax.ops`). FLOPs are
@@ -33,7 +34,8 @@ counted with the formulations native to GPU/TPU, so they are the block's math on
 (on CPU, sk's block-diagonal convolutions run G times the FLOPs of its grouped ones).
 
 The defaults (C=64 at 16x16, AttentionNet's block on 32x32 images, batch 8) keep the run to
-well under a minute on a 2-core CPU. mhsa and nonlocal grow with (H*W)^2.
+well under a minute on a 2-core CPU. mhsa and nonlocal grow with (H*W)^2. Each block's options
+and their defaults are listed by ``python -m attnjax.blocks``.
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,11 +53,11 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 from attnjax import blocks as registry
-from attnjax import ops, xla_options
+from attnjax import xla_options
+from attnjax.compare import measure as measuring
 from attnjax.validate import InputError
 
 IDENTITY = "identity"
-NATIVE_FORMULATIONS = {op: table["default"] for op, table in ops.FORMULATIONS.items()}
 
 
 class Identity(nn.Module):
@@ -84,32 +85,8 @@ class Cost:
 
     @property
     def iqr_s(self) -> float:
-        if len(self.times_s) < 2:
-            return 0.0
-        q1, _, q3 = statistics.quantiles(self.times_s, n=4, method="inclusive")
+        q1, _, q3 = measuring.quartiles(self.times_s)
         return q3 - q1
-
-
-def count_params(variables: Any) -> int:
-    """Number of scalars in the ``params`` collection of ``variables``."""
-    return sum(leaf.size for leaf in jax.tree_util.tree_leaves(variables.get("params", {})))
-
-
-def flops_of(compiled: Any) -> float | None:
-    """``flops`` from ``compiled.cost_analysis()``, which is a dict (or, in older JAX, a list of dicts).
-
-    ``None`` where the backend gives no analysis.
-    """
-    try:
-        analysis = compiled.cost_analysis()
-    except Exception:  # a backend without cost analysis
-        return None
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else None
-    if not analysis:
-        return None
-    flops = analysis.get("flops", 0.0)  # XLA leaves the key out when nothing is computed (the identity)
-    return float(flops) if flops >= 0 else None
 
 
 def train_step_fn(block: nn.Module, variables: Any):
@@ -144,17 +121,17 @@ class _Prepared:
 
 
 def _prepare(name: str, block: nn.Module, x: jax.Array, key: jax.Array) -> _Prepared:
-    options = xla_options.compiler_options() or None
     variables = jax.jit(block.init)(key, x)
     params = variables.get("params", {})
-    step = jax.jit(train_step_fn(block, variables), compiler_options=options).lower(params, x).compile()
+    # Timed as training compiles it: attnjax's XLA:CPU options, the backend's formulations.
+    step = measuring.compile_fn(
+        train_step_fn(block, variables), params, x, compiler_options=xla_options.compiler_options()
+    )
     # FLOPs of the block's math: counted with the formulations native to GPU/TPU, since a CPU
     # formulation may run more (sk's block-diagonal convs run G times its grouped convs' FLOPs).
-    with ops.use_formulations(**NATIVE_FORMULATIONS):
-        forward = jax.jit(lambda v, x: block.apply(v, x, train=False)).lower(variables, x).compile()
-        math_step = jax.jit(train_step_fn(block, variables)).lower(params, x).compile()
-    jax.block_until_ready(step(params, x))  # warm-up: allocations, thread pools
-    return _Prepared(name, count_params(variables), flops_of(forward), flops_of(math_step), step, (params, x))
+    forward = measuring.math_flops(lambda v, x: block.apply(v, x, train=False), variables, x)
+    train_flops = measuring.math_flops(train_step_fn(block, variables), params, x)
+    return _Prepared(name, measuring.count_params(variables), forward, train_flops, step, (params, x))
 
 
 def measure(
@@ -184,16 +161,10 @@ def measure(
     for name, block in tqdm(modules.items(), desc="compile", unit="block", disable=not progress, leave=False):
         prepared.append(_prepare(name, block, x, jax.random.key(seed + 1)))
 
-    times: dict[str, list[float]] = {p.name: [] for p in prepared}
-    with tqdm(total=repeats * len(prepared), desc="measure", unit="step", disable=not progress, leave=False) as bar:
-        for r in range(repeats):
-            shift = r % len(prepared)
-            for p in prepared[shift:] + prepared[:shift]:
-                start = time.perf_counter()
-                jax.block_until_ready(p.step(*p.args))
-                times[p.name].append(time.perf_counter() - start)
-                bar.update()
-    return [Cost(p.name, p.params, p.forward_flops, p.train_flops, tuple(times[p.name])) for p in prepared]
+    times = measuring.side_by_side(
+        {p.name: lambda p=p: p.step(*p.args) for p in prepared}, repeats, progress=progress, desc="measure"
+    )
+    return [Cost(p.name, p.params, p.forward_flops, p.train_flops, times[p.name]) for p in prepared]
 
 
 def _mflop(flops: float | None) -> str:
@@ -257,8 +228,9 @@ def format_table(costs: Sequence[Cost], markdown: bool = False) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m attnjax.blocks",
+        prog="python -m attnjax.compare.block_cost",
         description="Parameters, XLA FLOPs and train-step time of every attention block, measured side by side.",
+        epilog="python -m attnjax.blocks lists each block's options and defaults.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--channels", type=int, default=64, help="input channels C")
@@ -272,11 +244,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated block names, from: {', '.join(registry.names())}",
     )
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
-    parser.add_argument(
-        "--options",
-        action="store_true",
-        help="list each block's options and defaults (what --block-option sets in training) instead of measuring",
-    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the input and the parameters")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -289,11 +256,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = [n for n in names if n not in registry.names()]
     if unknown or not names:
         parser.error(f"unknown block(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(registry.names())}")
-    if args.options:
-        for name in names:
-            listed = ", ".join(f"{k}={v!r}" for k, v in registry.options(name).items()) or "(none)"
-            print(f"{name}: {listed}")
-        return 0
     for option in ("channels", "height", "width", "batch", "repeats"):
         if getattr(args, option) < 1:
             parser.error(f"--{option} must be >= 1, got {getattr(args, option)}")
@@ -319,3 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_table(costs, markdown=args.markdown))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

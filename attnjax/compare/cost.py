@@ -1,7 +1,7 @@
 """The cost of each study entry on its host network, at the dataset's input size.
 
-:mod:`attnjax.blocks.cost` measures a block alone on a synthetic feature map. A designer pays
-for the block inside a network: this module compiles the study's real train step
+:mod:`attnjax.compare.block_cost` measures a block alone on a synthetic feature map. A designer
+pays for the block inside a network: this module compiles the study's real train step
 (:func:`attnjax.train.train_step`, the model and optimizer of the run's config) on one device at
 the run's batch size and image shape, and reports
 
@@ -10,11 +10,15 @@ the run's batch size and image shape, and reports
   counted with the formulations native to GPU/TPU so that it is the network's math (as in the
   block cost table);
 - ``step_s``: the median wall time of the train step, timed side by side with every other
-  entry (each repeat runs every step once, in an order rotated by one per repeat), and its
-  ratio to the baseline's median taken in the same process;
+  entry (each repeat runs every step once, in an order rotated by one per repeat: the timer of
+  the block table, :func:`attnjax.compare.measure.side_by_side`); ``times_s`` keeps every
+  round's time, so that the study takes the ratio to the baseline round by round;
 - ``temp_bytes``: XLA's temporary buffers of the compiled step (``memory_analysis()``): the
   activations kept for the backward pass and the scratch space, the step's peak beyond its
   arguments and outputs. ``None`` where the backend does not report it.
+
+Parameters, FLOPs and temporary memory are counted as the block table counts them
+(:mod:`attnjax.compare.measure`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import statistics
-import time
 from collections.abc import Sequence
 
 import jax
@@ -30,9 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from attnjax import ops, precision, train, xla_options
-from attnjax.blocks.cost import NATIVE_FORMULATIONS, count_params, flops_of
-from attnjax.config import Config
+from attnjax import train, xla_options
+from attnjax.compare import measure as measuring
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,17 +57,7 @@ class NetworkCost:
         return cls(**{**record, "times_s": tuple(record["times_s"])})
 
 
-def temp_bytes_of(compiled) -> int | None:
-    """XLA's temporary buffer size of a compiled function, or ``None`` where the backend gives no analysis."""
-    try:
-        analysis = compiled.memory_analysis()
-    except Exception:  # a backend without memory analysis
-        return None
-    size = getattr(analysis, "temp_size_in_bytes", None)
-    return None if size is None or size < 0 else int(size)
-
-
-def _random_batch(config: Config, image_shape: tuple[int, ...], num_classes: int, seed: int) -> dict:
+def _random_batch(config: train.Config, image_shape: tuple[int, ...], num_classes: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     return {
         "image": jnp.asarray(rng.standard_normal((config.batch_size, *image_shape), dtype=np.float32)),
@@ -83,20 +75,20 @@ class _Prepared:
     state: object
 
 
-def _state_and_step(config: Config, image_shape, num_classes: int):
+def _state_and_step(config: train.Config, image_shape, num_classes: int):
     """The run's initial train state and its train step function (the trainer's own, unwrapped)."""
     model = train.create_model(config, num_classes)
     state = train.create_train_state(
         jax.random.key(config.seed), model, image_shape, 0.0, tx=train.create_optimizer(config, config.learning_rate)
     )
     step_fn = functools.partial(
-        train.train_step, dtype=precision.compute_dtype(config.dtype), microbatches=config.grad_accum
+        train.train_step, dtype=train.precision.compute_dtype(config.dtype), microbatches=config.grad_accum
     )
     return state, step_fn
 
 
 def train_flops_per_image(
-    config: Config, image_shape, num_classes: int, batch: dict | None = None, state_and_step=None
+    config: train.Config, image_shape, num_classes: int, batch: dict | None = None, state_and_step=None
 ) -> float | None:
     """XLA's FLOP count of ``config``'s train step over its batch size, with the formulations native to GPU/TPU.
 
@@ -106,28 +98,27 @@ def train_flops_per_image(
     """
     state, step_fn = state_and_step or _state_and_step(config, image_shape, num_classes)
     batch = batch or _random_batch(config, image_shape, num_classes, config.seed)
-    with ops.use_formulations(**NATIVE_FORMULATIONS):
-        flops = flops_of(jax.jit(step_fn).lower(state, batch).compile())
+    flops = measuring.math_flops(step_fn, state, batch)
     return None if flops is None else flops / config.batch_size
 
 
-def _prepare(label: str, config: Config, image_shape, num_classes: int, batch: dict) -> _Prepared:
+def _prepare(label: str, config: train.Config, image_shape, num_classes: int, batch: dict) -> _Prepared:
     state, step_fn = _state_and_step(config, image_shape, num_classes)
-    options = xla_options.compiler_options(config.xla_options) or None
-    step = jax.jit(step_fn, compiler_options=options).lower(state, batch).compile()
-    jax.block_until_ready(step(state, batch))  # warm-up: allocations, thread pools
+    step = measuring.compile_fn(
+        step_fn, state, batch, compiler_options=xla_options.compiler_options(config.xla_options)
+    )
     return _Prepared(
         label,
-        count_params({"params": state.params}),
+        measuring.count_params({"params": state.params}),
         train_flops_per_image(config, image_shape, num_classes, batch, (state, step_fn)),
-        temp_bytes_of(step),
+        measuring.temp_bytes_of(step),
         step,
         state,
     )
 
 
 def measure(
-    configs: dict[str, Config],
+    configs: dict[str, train.Config],
     image_shape: tuple[int, ...],
     num_classes: int,
     *,
@@ -136,24 +127,19 @@ def measure(
 ) -> dict[str, NetworkCost]:
     """The cost of each labelled config's train step, on one random batch of the config's batch size.
 
-    The steps are timed side by side: ``repeats`` rounds, each running every step once, in an
-    order rotated by one per round, so that drift and noise fall on every entry alike.
+    The steps are timed side by side (:func:`attnjax.compare.measure.side_by_side`): ``repeats``
+    rounds, each running every step once, in an order rotated by one per round, so that drift
+    and noise fall on every entry alike.
     """
     first = next(iter(configs.values()))
     batch = _random_batch(first, image_shape, num_classes, first.seed)
     prepared: list[_Prepared] = []
     for label, config in tqdm(configs.items(), desc="cost: compile", unit="net", disable=not progress, leave=False):
         prepared.append(_prepare(label, config, image_shape, num_classes, batch))
-    times: dict[str, list[float]] = {p.label: [] for p in prepared}
-    with tqdm(total=repeats * len(prepared), desc="cost: time", unit="step", disable=not progress, leave=False) as bar:
-        for r in range(repeats):
-            shift = r % len(prepared)
-            for p in prepared[shift:] + prepared[:shift]:
-                start = time.perf_counter()
-                jax.block_until_ready(p.step(p.state, batch))
-                times[p.label].append(time.perf_counter() - start)
-                bar.update()
-    return {p.label: NetworkCost(p.label, p.params, p.flops, p.temp_bytes, tuple(times[p.label])) for p in prepared}
+    times = measuring.side_by_side(
+        {p.label: lambda p=p: p.step(p.state, batch) for p in prepared}, repeats, progress=progress, desc="cost: time"
+    )
+    return {p.label: NetworkCost(p.label, p.params, p.flops, p.temp_bytes, times[p.label]) for p in prepared}
 
 
 def study_seconds(

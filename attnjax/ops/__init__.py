@@ -30,6 +30,7 @@ import contextlib
 import threading
 
 import jax
+from jax import lax
 
 from attnjax.validate import InputError
 
@@ -84,3 +85,45 @@ def use_formulations(**choices: str):
 def chosen() -> dict[str, str]:
     """Every op's formulation on the current backend (with any override): what a run records."""
     return {op: formulation(op) for op in FORMULATIONS}
+
+
+def conv_with_formulation(reformulated):
+    """An op with ``lax.conv_general_dilated``'s signature around ``reformulated`` (for ``nn.Conv``'s argument
+    ``conv_general_dilated``).
+
+    ``reformulated(lhs, rhs, **arguments)`` gets every argument of the call by name (all of
+    ``lax.conv_general_dilated``'s, defaults filled in) and returns the op's result in its own
+    formulation, or ``None`` where it has nothing to do: that call goes to ``lax.conv_general_dilated``
+    unchanged. The op takes ``reformulated``'s name and docstring.
+    """
+
+    def conv(
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=None,
+        rhs_dilation=None,
+        dimension_numbers=None,
+        feature_group_count: int = 1,
+        batch_group_count: int = 1,
+        precision=None,
+        preferred_element_type=None,
+    ) -> jax.Array:
+        arguments = dict(
+            window_strides=window_strides,
+            padding=padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            batch_group_count=batch_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
+        out = reformulated(lhs, rhs, **arguments)
+        return lax.conv_general_dilated(lhs, rhs, **arguments) if out is None else out
+
+    conv.__name__, conv.__qualname__ = reformulated.__name__, reformulated.__qualname__
+    conv.__doc__, conv.__module__ = reformulated.__doc__, reformulated.__module__
+    return conv

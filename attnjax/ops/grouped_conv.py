@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attnjax.ops import formulation
+from attnjax.ops import conv_with_formulation, formulation
 
 
 def block_diagonal_kernel(kernel: jax.Array, groups: int, in_axis: int, out_axis: int) -> jax.Array:
@@ -41,38 +41,19 @@ def block_diagonal_kernel(kernel: jax.Array, groups: int, in_axis: int, out_axis
     return jnp.where(mask.reshape(shape), tiled, jnp.zeros((), kernel.dtype))
 
 
-def grouped_conv(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision=None,
-    preferred_element_type=None,
-) -> jax.Array:
+@conv_with_formulation
+def grouped_conv(lhs, rhs, *, feature_group_count: int, batch_group_count: int, dimension_numbers, **arguments):
     """``lax.conv_general_dilated``, with grouped convs traced as dense block-diagonal convs where chosen.
 
     With ``formulation("grouped_conv") == "block_diagonal"`` and ``feature_group_count > 1`` (and no
     ``batch_group_count``) the conv runs ungrouped on :func:`block_diagonal_kernel` of ``rhs``; every
     other call is passed to ``lax.conv_general_dilated`` unchanged.
     """
-    arguments = dict(
-        window_strides=window_strides,
-        padding=padding,
-        lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation,
-        dimension_numbers=dimension_numbers,
-        batch_group_count=batch_group_count,
-        precision=precision,
-        preferred_element_type=preferred_element_type,
-    )
     if feature_group_count == 1 or batch_group_count != 1 or formulation("grouped_conv") != "block_diagonal":
-        return lax.conv_general_dilated(lhs, rhs, feature_group_count=feature_group_count, **arguments)
+        return None
     numbers = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     out_axis, in_axis = numbers.rhs_spec[0], numbers.rhs_spec[1]
     dense = block_diagonal_kernel(rhs, feature_group_count, in_axis, out_axis)
-    return lax.conv_general_dilated(lhs, dense, feature_group_count=1, **arguments)
+    return lax.conv_general_dilated(
+        lhs, dense, feature_group_count=1, batch_group_count=1, dimension_numbers=dimension_numbers, **arguments
+    )

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from attnjax.ops import formulation
+from attnjax.ops import conv_with_formulation, formulation
 
 # The widest map (output columns) traced as a band. The dot does (W + K - 1) / K times the conv's
 # FLOPs: on XLA:CPU (2 cores, K = 7, C = 2, fwd+bwd) it is ~2x faster than the conv up to W = 128,
@@ -69,9 +69,21 @@ def _is_same_padding(padding, kernel_shape) -> bool:
     )
 
 
-def _handles(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, groups) -> bool:
+def _handles(
+    lhs,
+    rhs,
+    *,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dimension_numbers,
+    feature_group_count,
+    batch_group_count,
+    **_,
+) -> bool:
     """Whether the call is the one the banded formulation covers (see the module docstring)."""
-    if lhs.ndim != 4 or rhs.ndim != 4 or groups != (1, 1):
+    if lhs.ndim != 4 or rhs.ndim != 4 or (feature_group_count, batch_group_count) != (1, 1):
         return False
     if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != _NHWC:
         return False
@@ -87,38 +99,22 @@ def _handles(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dime
     )
 
 
-def single_output_conv(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
-    feature_group_count: int = 1,
-    batch_group_count: int = 1,
-    precision=None,
-    preferred_element_type=None,
-) -> jax.Array:
+@conv_with_formulation
+def single_output_conv(lhs, rhs, **arguments):
     """``lax.conv_general_dilated``, with a size-keeping one-output NHWC conv traced as one banded dot where chosen.
 
     The banded path is taken when ``formulation("single_output_conv") == "banded"`` and the call is
     the case described in the module docstring; otherwise this is ``lax.conv_general_dilated``.
     """
-    arguments = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers)
-    if formulation("single_output_conv") != "banded" or not _handles(
-        lhs, rhs, *arguments, (feature_group_count, batch_group_count)
-    ):
-        return lax.conv_general_dilated(
-            lhs,
-            rhs,
-            *arguments,
-            feature_group_count=feature_group_count,
-            batch_group_count=batch_group_count,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-        )
-    return banded_conv(lhs, rhs, padding, precision=precision, preferred_element_type=preferred_element_type)
+    if formulation("single_output_conv") != "banded" or not _handles(lhs, rhs, **arguments):
+        return None
+    return banded_conv(
+        lhs,
+        rhs,
+        arguments["padding"],
+        precision=arguments["precision"],
+        preferred_element_type=arguments["preferred_element_type"],
+    )
 
 
 def banded_conv(lhs, rhs, padding, *, precision=None, preferred_element_type=None) -> jax.Array:

@@ -1,10 +1,6 @@
-"""``python -m attnjax.train``: the command line (:mod:`attnjax.cli`) over this package's training loop.
+"""``python -m attnjax.train``: the command line (:mod:`attnjax.train.cli`) over the training loop."""
 
-A separate ``__main__`` so that the training module is imported once, as ``attnjax.train``,
-and never imports the CLI that imports it.
-"""
-
-from attnjax.cli import main
+from attnjax.train.cli import main
 
 if __name__ == "__main__":
     main()

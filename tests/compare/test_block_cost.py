@@ -1,11 +1,19 @@
-"""The cost table (``python -m attnjax.blocks``) on a tiny input."""
+"""The block cost table (``python -m attnjax.compare.block_cost``) on a tiny input."""
+
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from attnjax import blocks, ops
-from attnjax.blocks import cost
+from attnjax.blocks import __main__ as blocks_command
+from attnjax.compare import block_cost as cost
+from attnjax.compare import measure
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +95,39 @@ def test_flops_count_the_blocks_math_not_a_cpu_formulations():
     variables = block.init(jax.random.key(0), x)
     with ops.use_formulations(grouped_conv="block_diagonal"):
         step = jax.jit(cost.train_step_fn(block, variables)).lower(variables["params"], x).compile()
-    assert sk_cost.train_flops < cost.flops_of(step) / 4
+    assert sk_cost.train_flops < measure.flops_of(step) / 4
+
+
+def test_the_command_runs_and_bad_input_is_a_one_line_error():
+    def run(*args):
+        command = [sys.executable, "-m", "attnjax.compare.block_cost", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+    ok = run("--blocks", "se", "--repeats", "1", "--channels", "8", "--height", "4", "--width", "4", "--no-progress")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "N=8, H=4, W=4, C=8" in ok.stdout.splitlines()[0]
+    assert [line.split()[0] for line in ok.stdout.splitlines()[3:]] == ["identity", "se"]
+    for args, message in ((["--blocks", "sse"], "unknown block(s) sse"), (["--channels", "0"], "--channels must be")):
+        bad = run(*args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
+# --- python -m attnjax.blocks: the library's own command, the blocks' options --------------------
 
 
 def test_options_lists_every_blocks_options_and_defaults(capsys):
-    assert cost.main(["--options", "--blocks", "cbam,softmax"]) == 0
+    assert blocks_command.main(["--options", "--blocks", "cbam,softmax"]) == 0
     assert capsys.readouterr().out.splitlines() == ["cbam: reduction=16, kernel_size=7", "softmax: (none)"]
+    assert blocks_command.main(["--blocks", "cbam,softmax"]) == 0  # the listing is all the command does
+    assert capsys.readouterr().out.splitlines() == ["cbam: reduction=16, kernel_size=7", "softmax: (none)"]
+    assert blocks_command.main([]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == len(blocks.names())
+
+
+def test_blocks_command_rejects_unknown_blocks_and_points_to_the_cost_table(capsys):
+    with pytest.raises(SystemExit) as error:
+        blocks_command.main(["--blocks", "se,sse"])
+    assert error.value.code == 2 and "unknown block(s) sse" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as error:
+        blocks_command.main(["--markdown"])  # the cost table's flag: it has its own command now
+    assert error.value.code == 2 and "python -m attnjax.compare.block_cost" in capsys.readouterr().err

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
-from attnjax import compare
+from attnjax import compare, train
 from attnjax.compare import cost, plots, report, stats
-from attnjax.config import Config
 from attnjax.validate import InputError
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+Config = train.Config
 STUDY = ["--blocks", "se", "--seeds", "2", "--epochs", "1", "--dataset", "digits", "--cost-repeats", "2"]
 
 
@@ -36,6 +39,34 @@ def read_csv(path):
 
 def metrics_files(workdir):
     return sorted(Path(workdir, "runs").glob("*/seed-*/metrics.jsonl"))
+
+
+def implied_verdict(paired, p, p_holm, alpha=0.05):
+    """The verdict the paired differences of the one entry compared with the baseline imply, checking the p-values.
+
+    The paired t test's two-sided p, computed here with scipy's own test (identical differences
+    have no spread: p is 0 unless they are all 0); Holm's correction over one comparison leaves it
+    as it is. Better or worse only when that p is below alpha, by the sign of the mean difference.
+    """
+    if np.ptp(paired) == 0:
+        expected_p = 0.0 if np.mean(paired) != 0 else 1.0
+    else:
+        expected_p = float(scipy_stats.ttest_1samp(paired, 0.0).pvalue)
+    assert p == pytest.approx(expected_p, rel=1e-9, abs=1e-15)
+    assert p_holm == pytest.approx(expected_p, rel=1e-9, abs=1e-15)  # m = 1: min(1, 1 * p)
+    if expected_p >= alpha:
+        return stats.NOISE
+    return stats.BETTER if np.mean(paired) > 0 else stats.WORSE
+
+
+def test_implied_verdict_is_each_verdict_for_differences_that_imply_it():
+    # df = 1: p = 1 - (2 / pi) arctan(|t|), t = mean / (sd / sqrt 2)
+    assert implied_verdict([0.010, 0.011], 1 - 2 / math.pi * math.atan(21), 1 - 2 / math.pi * math.atan(21)) == (
+        stats.BETTER
+    )
+    assert implied_verdict([-0.010, -0.011], *[1 - 2 / math.pi * math.atan(21)] * 2) == stats.WORSE
+    assert implied_verdict([0.01, -0.005], *[1 - 2 / math.pi * math.atan(1 / 3)] * 2) == stats.NOISE
+    assert implied_verdict([0.01, 0.01], 0.0, 0.0) == stats.BETTER and implied_verdict([0, 0], 1.0, 1.0) == stats.NOISE
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +105,7 @@ def test_study_runs_end_to_end(finished_study):
     se = summary[1]
     paired = [float(a["test_accuracy"]) - float(b["test_accuracy"]) for a, b in zip(runs[2:], runs[:2], strict=True)]
     assert float(se["diff_mean"]) == pytest.approx(np.mean(paired), abs=1e-12)
-    assert se["verdict"] in (stats.BETTER, stats.WORSE, stats.NOISE)
+    assert se["verdict"] == implied_verdict(paired, float(se["diff_p"]), float(se["diff_p_holm"]))
     text = (workdir / compare.SUMMARY_MD).read_text()
     assert "| se" in text and "4 of 4 runs finished" in text and "python -m attnjax.compare" in text
     for name in (compare.PARETO_PNG, compare.CURVES_PNG):

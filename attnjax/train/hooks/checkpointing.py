@@ -1,0 +1,130 @@
+"""Checkpointing: where a run resumes from, and when it saves (on schedule, on preemption, at every epoch end).
+
+:func:`restore_position` finds the newest intact checkpoint and gives the state and the
+:class:`~attnjax.train.position.Position` to continue from (or a fresh start), saying what
+happened. :class:`Checkpointing` is the hook that saves: every ``--checkpoint-every-steps``
+steps and ``--checkpoint-every-minutes`` minutes (a :class:`Cadence`), and on SIGTERM/SIGINT
+(``Preemption``), after which it raises :class:`Interrupted`. An epoch's last step is saved
+after its evaluation, with the test accuracy that ranks the best checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+
+from attnjax.train.checkpoint import CheckpointError, Checkpoints
+from attnjax.train.hooks import Cadence, Hook
+from attnjax.train.position import Position
+from attnjax.train.preemption import Interrupted, Preemption
+from attnjax.validate import InputError
+
+
+def restore_position(recipe, checkpoints: Checkpoints, progress, workdir) -> tuple[object, Position]:
+    """The (unreplicated) state and position to continue from: the newest intact checkpoint's, or a fresh start.
+
+    ``progress`` is the run's :class:`~attnjax.train.workdir.Progress`, which says how many steps
+    an interruption lost; ``workdir`` is its :class:`~attnjax.train.workdir.Workdir`. A resumed
+    run's ``metrics.jsonl`` is rewritten from the checkpoint's history.
+    """
+    try:
+        restored = checkpoints.restore(recipe.state)
+        if restored is None and workdir.has_metrics():
+            raise InputError(
+                f"{workdir.metrics_path} already exists from an earlier run whose checkpoints are gone; attnjax does "
+                "not overwrite results. Pass a new --workdir (or move that run away)."
+            )
+    except BaseException:
+        checkpoints.close()
+        raise
+    for note in checkpoints.set_aside:
+        workdir.say(f"attnjax: {note}", file=sys.stderr, flush=True)
+    reached = progress.last_step()
+    if restored is None:
+        if reached:
+            workdir.say(
+                f"attnjax: no checkpoint yet in {workdir.path}; the interrupted run had reached step {reached}: "
+                "starting over"
+            )
+        return recipe.state, Position(recipe.steps_per_epoch)
+    state, record = restored
+    position = Position.from_record(record, recipe.steps_per_epoch)
+    lost, moved = "", ""
+    if reached is not None:
+        lost = f"; the interrupted run had reached step {reached}: {max(reached - record['step'], 0)} steps lost"
+    if record["devices"] != recipe.num_devices:
+        moved = f"; written on {record['devices']} devices, continuing on {recipe.num_devices} (equal to rounding)"
+    if position.epoch > recipe.config.epochs:
+        workdir.say(f"attnjax: this run had already finished; its results are in {workdir.metrics_path}", flush=True)
+    else:
+        workdir.say(
+            f"attnjax: resumed from {checkpoints.path(record['step'])} (step {record['step']}, epoch "
+            f"{position.epoch}, batch {position.batch} of {recipe.steps_per_epoch}, saved {record['reason']})"
+            f"{lost}{moved}",
+            flush=True,
+        )
+    workdir.write_history(position.history)
+    return state, position
+
+
+class Checkpointing(Hook):
+    """Saves the full state with the position's record; owns the run's :class:`Checkpoints` and closes them.
+
+    ``run`` is what every record holds besides the position (config, versions, devices,
+    processes). ``before_save(position)`` runs before every save: it collects the pending
+    per-step metrics into the position (the NaN guard's :meth:`collect`).
+    """
+
+    def __init__(self, checkpoints: Checkpoints, preemption: Preemption, config, run: dict, before_save, say):
+        self.checkpoints, self.preemption, self.run = checkpoints, preemption, run
+        self.before_save, self.say = before_save, say
+        self.cadence = Cadence(config.checkpoint_every_steps, config.checkpoint_every_minutes)
+
+    def after_step(self, position: Position, state, metrics) -> None:
+        if self.preemption.requested(position.tick):
+            position.bank_seconds()
+            self.before_save(position)
+            self.stop_here(position, state, f"during epoch {position.epoch}")
+        # An epoch's last step is saved after its evaluation, with the results.
+        if position.batch < position.steps_per_epoch and self.cadence.due(position.step, position.tick):
+            position.bank_seconds()
+            self.before_save(position)
+            self.save(position, state, "on schedule")
+
+    def evaluation_stop(self, position: Position) -> bool:
+        """Asked after every evaluation batch: whether a signal asks to stop (the batch counts as a tick)."""
+        position.tick += 1
+        return self.preemption.requested(position.tick)
+
+    def save(self, position: Position, state, reason: str, test_accuracy=None, wait=False) -> None:
+        record = position.to_record(reason, **self.run)
+        self.checkpoints.save(position.step, state, record, test_accuracy=test_accuracy, wait=wait)
+        self.cadence.reset()
+        position.last_good = position.step
+
+    def save_epoch(self, position: Position, state, test_accuracy: float) -> None:
+        self.save(position, state, "at the end of an epoch", test_accuracy=test_accuracy)
+
+    def stop_here(self, position: Position, state, where: str):
+        """Save now, waiting for the commit, and raise :class:`Interrupted`."""
+        self.save(position, state, "on " + self.preemption.signal_name, wait=True)
+        raise Interrupted(
+            f"{self.preemption.signal_name} {where}: saved {self.checkpoints.path(position.step)} (step "
+            f"{position.step}, epoch {position.epoch}, batch {position.batch} of {position.steps_per_epoch}). "
+            "Rerun the same command to continue."
+        )
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.checkpoints.close()  # waits for the last asynchronous save; raises if it failed
+            return
+        try:
+            self.checkpoints.close()  # the last asynchronous save is kept even when training stops on an error
+        except CheckpointError as error:
+            self.say(f"attnjax: {error}", file=sys.stderr, flush=True)
+
+
+def run_fields(config, num_devices: int, versions: dict) -> dict:
+    """What every checkpoint's record holds besides the position."""
+    return {"config": config.to_dict(), "versions": versions, "devices": num_devices, "processes": jax.process_count()}

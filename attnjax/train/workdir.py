@@ -1,0 +1,200 @@
+"""A run's folder and its plain files, and the one place that asks whether this is process 0.
+
+``WORKDIR/config.json`` (the options and where the run computed), ``metrics.jsonl`` (one JSON
+line per finished epoch), ``variables.msgpack`` (the model after the last epoch) and
+``progress`` (the last step dispatched). Checkpoints live in ``WORKDIR/checkpoints``
+(:mod:`attnjax.train.checkpoint`). :func:`check_workdir` refuses a folder that this run must
+not touch, before any work; :class:`Workdir` writes the files, on process 0 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+
+import jax
+import numpy as np
+
+from attnjax.train import checkpoint
+from attnjax.train.config import Config
+from attnjax.train.hooks import Hook
+from attnjax.validate import InputError
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+PROGRESS_FILE = "progress"  # the last step dispatched, rewritten in place every step: how much an interruption lost
+TIMING_FIELDS = ("images_per_second", "epoch_seconds")  # the only fields that vary between identical runs
+SHARED_MARKER = ".attnjax-shared-check"
+
+
+def is_leader() -> bool:
+    """Process 0 writes the run's files and prints; every process computes and makes the collective calls."""
+    return jax.process_index() == 0
+
+
+def read_config(workdir: str) -> dict | None:
+    """The ``config`` object of ``WORKDIR/config.json``, or ``None`` when there is none."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{path} cannot be read ({error}); restore it, or pass a new --workdir") from None
+
+
+def metrics_lines(workdir: str) -> int:
+    path = os.path.join(workdir, METRICS_FILE)
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def check_workdir(config: Config, workdir: str, resume: bool = True) -> None:
+    """Refuse a workdir this run must not touch, before any work; create it if it is new.
+
+    A workdir that holds a run is continued (``resume``) only with the same options that
+    shape training (:data:`attnjax.train.config.TRAJECTORY_FIELDS`); ``resume=False`` refuses it.
+    """
+    names = (CONFIG_FILE, METRICS_FILE, checkpoint.CHECKPOINTS_DIR)
+    holds = [name for name in names if os.path.exists(os.path.join(workdir, name))]
+    if holds and not resume:
+        raise InputError(
+            f"{workdir} holds a run ({', '.join(holds)}) and --no-resume refuses to touch it: "
+            "drop --no-resume to continue that run, or pass a new --workdir."
+        )
+    saved = read_config(workdir)
+    if saved is not None:
+        diff = config.trajectory_diff(saved)
+        if diff:
+            raise InputError(
+                f"{workdir} holds a run with other options, and continuing it with these would not reproduce it:\n  "
+                + "\n  ".join(diff)
+                + "\nRerun with the run's options to continue it, or pass a new --workdir."
+            )
+    has_checkpoints = os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS_DIR))
+    if metrics_lines(workdir) and not has_checkpoints:
+        raise InputError(
+            f"{os.path.join(workdir, METRICS_FILE)} already exists from an earlier run that left no checkpoint to "
+            "continue from; attnjax does not overwrite results. Pass a new --workdir (or move that run away)."
+        )
+    if is_leader():
+        probe = os.path.join(workdir, f".attnjax-write-test-{os.getpid()}")
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as error:
+            raise InputError(
+                f"--workdir {workdir} cannot be created or written ({error.strerror or error}): "
+                "pass a folder you can write to."
+            ) from None
+    if jax.process_count() > 1:
+        check_workdir_is_shared(workdir)
+
+
+def check_workdir_is_shared(workdir: str) -> None:
+    """Several processes must see one workdir: every process reads the checkpoints when a run resumes.
+
+    Process 0 writes a marker; every process says whether it sees it; all fail together if one does not.
+    """
+    from jax.experimental import multihost_utils
+
+    marker = os.path.join(workdir, SHARED_MARKER)
+    if is_leader():
+        with open(marker, "w") as f:
+            f.write("written by process 0")
+    multihost_utils.sync_global_devices("attnjax:shared-marker-written")
+    seen = multihost_utils.process_allgather(np.asarray(os.path.exists(marker), np.int32))
+    multihost_utils.sync_global_devices("attnjax:shared-marker-read")
+    if is_leader():
+        os.remove(marker)
+    missing = [int(p) for p in np.flatnonzero(np.asarray(seen) == 0)]
+    if missing:
+        raise InputError(
+            f"--workdir {workdir} is not shared by all processes: process(es) {missing} cannot see what process 0 "
+            "writes there. A multi-host run keeps its checkpoints where every host reads them: put the workdir on a "
+            "file system all hosts mount at the same path (NFS/Filestore, or a bucket through Cloud Storage FUSE)."
+        )
+
+
+def versions() -> dict:
+    """The versions of the packages that shape a run's numbers, as each checkpoint records them."""
+    found = {}
+    for package in ("attnjax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+class Workdir:
+    """The run's files in ``path``; only process 0 (``leader``) writes or prints."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.leader = is_leader()
+        self.metrics_path = os.path.join(path, METRICS_FILE)
+
+    def say(self, *args, **kwargs) -> None:
+        """``print`` on process 0."""
+        if self.leader:
+            print(*args, **kwargs)
+
+    def has_metrics(self) -> bool:
+        return bool(metrics_lines(self.path))
+
+    def write_config(self, config: Config, run: dict) -> None:
+        if self.leader:
+            text = json.dumps({"config": config.to_dict(), **run}, indent=2)
+            checkpoint.write_atomically(os.path.join(self.path, CONFIG_FILE), text)
+
+    def write_history(self, history: list[dict]) -> None:
+        """``metrics.jsonl`` as ``history``: a resumed run's finished epochs are the checkpoint's.
+
+        Whatever the file had gained since the checkpoint (epochs that run again) is dropped.
+        """
+        if self.leader:
+            checkpoint.write_atomically(self.metrics_path, "".join(json.dumps(r) + "\n" for r in history))
+
+    def write_epoch(self, variables: dict, record: dict) -> None:
+        """An epoch's results: the variables first, so a metrics line always has the model it describes beside it."""
+        if self.leader:
+            checkpoint.save_variables(self.path, variables)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Progress(Hook):
+    """The last step dispatched, kept in ``WORKDIR/progress`` (rewritten in place, no fsync: cheap every step).
+
+    After a kill, the next run reads it to say how many steps the interruption cost.
+    """
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.path = os.path.join(workdir, PROGRESS_FILE)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644) if enabled else None
+
+    def last_step(self) -> int | None:
+        try:
+            with open(self.path) as f:
+                return int(f.read().strip() or "x")
+        except (OSError, ValueError):
+            return None
+
+    def update(self, step: int) -> None:
+        if self.fd is not None:
+            os.pwrite(self.fd, f"{step:>20}\n".encode(), 0)
+
+    def after_step(self, position, state, metrics) -> None:
+        self.update(position.step)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
