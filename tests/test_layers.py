@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from attnjax import parallel
+from attnjax.train import parallel
 from attnjax.layers import axis_is_bound, batch_norm
 
 
