@@ -56,11 +56,11 @@ def run_attnjax(dataset: Path, workdir: Path, epochs: int, extra: list[str]) -> 
 
 def torch_worker(size: int, batch: int, steps: int, warmup: int) -> dict:
     """Median images/s of the tutorial's PyTorch step and of its best variant, alternated in this process."""
-    sys.path.insert(0, str(ROOT / "tests"))
     import torch
     import torch.nn.functional as F
     from bench_step import alternate
-    from torch_reference import TorchAttentionNet
+
+    from attnjax.compare.pytorch import TorchAttentionNet
 
     rng = np.random.default_rng(0)
     images = torch.from_numpy(rng.uniform(0, 1, (batch, 3, size, size)).astype(np.float32))

@@ -32,11 +32,6 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
 
 
 def cpu_model() -> str:
@@ -146,9 +141,9 @@ def child(args) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
-    from torch_reference import TorchAttentionNet, flax_to_torch_state, nhwc_to_nchw
 
     from attnjax import models, xla_options
+    from attnjax.compare.pytorch import TorchAttentionNet, flax_to_torch_state, nhwc_to_nchw
     from attnjax.train import Config, create_train_state, parallel, train_step
 
     size, batch = args.size, args.batch_size

@@ -69,7 +69,9 @@ def test_no_import_cycle_between_rooms():
             edges.setdefault(source, set()).add(target)
 
     def reaches(start, goal, seen=()):
-        return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, (*seen, nxt))) for nxt in edges.get(start, ()))
+        return any(
+            nxt == goal or (nxt not in seen and reaches(nxt, goal, (*seen, nxt))) for nxt in edges.get(start, ())
+        )
 
     cycles = sorted(room for room in edges if reaches(room, room))
     assert not cycles, f"rooms in an import cycle: {cycles}; edges {edges}"
@@ -88,3 +90,28 @@ def test_the_trainer_cli_is_imported_only_by_entry_points():
 def test_no_file_is_over_400_lines():
     long = [f"{p.relative_to(PACKAGE.parent)} ({n})" for p in FILES if (n := p.read_text().count("\n")) > MAX_LINES]
     assert not long, long
+
+
+def test_only_the_pytorch_module_imports_torch():
+    """PyTorch is the parity tests' and benchmarks' extra, never the library's: one module imports it."""
+    importers = []
+    for path in FILES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(name == "torch" or name.startswith("torch.") for name in names):
+                importers.append(module_name(path))
+    assert sorted(set(importers)) == ["attnjax.compare.pytorch"]
+
+
+def test_scripts_import_attnjax_as_installed():
+    """The experiments and the notebook never put tests/ or the repository's root on sys.path (issue 18)."""
+    root = PACKAGE.parent
+    scripts = sorted((root / "experiments").glob("*.py")) + sorted((root / "experiments").glob("*.ipynb"))
+    assert scripts
+    offenders = [
+        str(p.relative_to(root))
+        for p in scripts
+        if "sys.path.insert" in p.read_text() or "sys.path.append" in p.read_text()
+    ]
+    assert not offenders, offenders

@@ -281,6 +281,34 @@ def write_outputs(
     return rows
 
 
+def write_study_file(workdir: str, base: Config, entries: Sequence[Entry], seeds: Sequence[int], command: str):
+    """``WORKDIR/study.json``: the command, the entries, the seeds and the options every run shares."""
+    os.makedirs(workdir, exist_ok=True)
+    checkpoint.write_atomically(
+        os.path.join(workdir, STUDY_FILE),
+        json.dumps(
+            {
+                "command": command,
+                "entries": [e.label for e in entries],
+                "seeds": list(seeds),
+                "config": {k: v for k, v in base.to_dict().items() if k not in PER_RUN_FIELDS},
+            },
+            indent=2,
+        ),
+    )
+
+
+def study_bar(weights: dict, steps_per_run: int, runs: list, left: list, progress: bool) -> tqdm:
+    """A bar over every run's forecast step seconds, the finished runs already counted."""
+    return tqdm(
+        total=sum(weights[e.label] * steps_per_run for e, _ in runs),
+        initial=sum(weights[e.label] * steps_per_run for e, s in runs if (e, s) not in left),
+        disable=not progress,
+        bar_format="study {percentage:3.0f}%|{bar}| {elapsed} elapsed, ETA {remaining}{postfix}",
+        dynamic_ncols=True,
+    )
+
+
 def run_study(
     base: Config,
     entries: Sequence[Entry],
@@ -302,19 +330,7 @@ def run_study(
         train.check_config(run_config(base, entry, seeds[0]))
     plots.check_available()
     check_runs(base, entries, seeds, workdir)
-    os.makedirs(workdir, exist_ok=True)
-    checkpoint.write_atomically(
-        os.path.join(workdir, STUDY_FILE),
-        json.dumps(
-            {
-                "command": command,
-                "entries": [e.label for e in entries],
-                "seeds": list(seeds),
-                "config": {k: v for k, v in base.to_dict().items() if k not in PER_RUN_FIELDS},
-            },
-            indent=2,
-        ),
-    )
+    write_study_file(workdir, base, entries, seeds, command)
     dataset = data.load(
         base.dataset, data_dir=base.data_dir, manual_dir=base.manual_dir, image_size=base.image_size or None
     )
@@ -331,13 +347,7 @@ def run_study(
     diverged: list[str] = []
     # The bar counts forecast seconds of train steps, so its ETA weighs slow blocks as they are.
     weights = {e.label: costs[e.label].step_s for e in entries}
-    bar = tqdm(
-        total=sum(weights[e.label] * steps_per_run for e, _ in runs),
-        initial=sum(weights[e.label] * steps_per_run for e, s in runs if (e, s) not in left),
-        disable=not progress,
-        bar_format="study {percentage:3.0f}%|{bar}| {elapsed} elapsed, ETA {remaining}{postfix}",
-        dynamic_ncols=True,
-    )
+    bar = study_bar(weights, steps_per_run, runs, left, progress)
     preemption = Preemption()  # one for the whole study: a signal between two runs stops it too
     try:
         with preemption:

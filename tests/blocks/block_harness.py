@@ -24,14 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from torch_reference import (
-    nchw_to_nhwc,
-    nhwc_to_nchw,
-    pytorch_running_var,
-    random_images,
-    random_variables,
-    torch_state_with_stats,
-)
+from torch_reference import pytorch_running_var, random_images, random_variables, torch_state_with_stats
+
+from attnjax.compare.pytorch import nchw_to_nhwc, nhwc_to_nchw
 
 TOL = 1e-5
 

@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from block_harness import TOL, check_forward, check_running_stats, random_maps, setup
 from jax.test_util import check_grads
 from torch import nn
-from torch_reference import nhwc_to_nchw, random_images, torch_state_with_stats
+from torch_reference import random_images, torch_state_with_stats
 
 from attnjax import blocks
 from attnjax.blocks.bam import BAM, bam_attention
+from attnjax.compare.pytorch import nhwc_to_nchw
 from attnjax.layers import flax_running_var
 
 pytestmark = pytest.mark.torch

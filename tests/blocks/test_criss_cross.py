@@ -11,9 +11,10 @@ import torch
 from block_harness import TOL, jit_intermediates, load
 from jax.test_util import check_grads
 from torch import nn
-from torch_reference import nchw_to_nhwc, nhwc_to_nchw, random_images, random_variables
+from torch_reference import random_images, random_variables
 
 from attnjax.blocks.criss_cross import CrissCrossAttention, criss_cross_attention
+from attnjax.compare.pytorch import nchw_to_nhwc, nhwc_to_nchw
 
 pytestmark = pytest.mark.torch
 

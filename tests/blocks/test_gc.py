@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from block_harness import check_forward, load, random_maps, setup, torch_state_with_map_norm
 from torch import nn
-from torch_reference import nchw_to_nhwc, nhwc_to_nchw, random_images
+from torch_reference import random_images
 
 from attnjax import blocks
 from attnjax.blocks.gc import GlobalContext
+from attnjax.compare.pytorch import nchw_to_nhwc, nhwc_to_nchw
 
 pytestmark = pytest.mark.torch
 PROPERTY_SHAPES = [(2, 8, 8, 64), (1, 7, 7, 16), (3, 1, 1, 32), (2, 5, 9, 24), (2, 3, 4, 20)]

@@ -18,10 +18,11 @@ from block_harness import (
     torch_state_with_map_norm,
 )
 from torch import nn
-from torch_reference import nchw_to_nhwc, nhwc_to_nchw, random_images
+from torch_reference import random_images
 
 from attnjax.blocks.gc import GlobalContext
 from attnjax.blocks.gca import GlobalContextGate
+from attnjax.compare.pytorch import nchw_to_nhwc, nhwc_to_nchw
 
 pytestmark = pytest.mark.torch
 PROPERTY_SHAPES = [(2, 8, 8, 64), (1, 7, 7, 16), (3, 1, 1, 32), (2, 5, 9, 24), (2, 3, 4, 20)]

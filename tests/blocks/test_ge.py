@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 from block_harness import apply_jit, assert_gated, check_forward, check_gradients, check_running_stats, load, sown_maps
 from torch import nn
-from torch_reference import nchw_to_nhwc, nhwc_to_nchw, random_images, random_variables
+from torch_reference import random_images, random_variables
 
 from attnjax.blocks.ge import GatherExcite, average_gather, depthwise_conv, nearest_resize
+from attnjax.compare.pytorch import nchw_to_nhwc, nhwc_to_nchw
 
 pytestmark = pytest.mark.torch
 

@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from block_harness import TOL, apply_jit, check_gradients, jit_intermediates, setup, sown_maps
 from torch import nn
-from torch_reference import nchw_to_nhwc, nhwc_to_nchw, random_images, random_variables
+from torch_reference import random_images, random_variables
 
 from attnjax.blocks.halo import HaloAttention
+from attnjax.compare.pytorch import nchw_to_nhwc, nhwc_to_nchw
 
 pytestmark = pytest.mark.torch
 

@@ -10,10 +10,11 @@ import torch
 from block_harness import apply_jit, check_forward, load, random_maps, setup, sown_maps
 from jax.test_util import check_grads
 from torch import nn
-from torch_reference import nchw_to_nhwc, nhwc_to_nchw, random_images, random_variables
+from torch_reference import random_images, random_variables
 
 from attnjax.blocks.primitives import attention_pool
 from attnjax.blocks.psa import PolarizedSelfAttention, parallel_polarized, spatial_only_logits
+from attnjax.compare.pytorch import nchw_to_nhwc, nhwc_to_nchw
 
 pytestmark = pytest.mark.torch
 

@@ -9,10 +9,10 @@ import torch
 from block_harness import TOL, apply_jit, jax_images
 from jax.test_util import check_grads
 from torch import nn
-from torch_reference import nhwc_to_nchw
 
 from attnjax.blocks import SimAMAttention
 from attnjax.blocks.simam import simam
+from attnjax.compare.pytorch import nhwc_to_nchw
 
 pytestmark = pytest.mark.torch
 

@@ -17,15 +17,15 @@ import optax
 import pytest
 import torch
 import torch.nn.functional as F
-from torch_reference import (
+
+from attnjax import blocks, models
+from attnjax.compare.pytorch import (
     TorchAttentionNet,
     TorchSeedAttention,
     TorchSoftmaxAttention,
     flax_to_torch_state,
     nhwc_to_nchw,
 )
-
-from attnjax import blocks, models
 from attnjax.train import TrainState, create_train_state, cross_entropy_loss, train_step
 
 CASES = [

@@ -69,19 +69,34 @@ def test_block_cpu_formulation_matches_the_previous_one(name, shape):
     chex.assert_trees_all_close(got, expected, atol=TOL, rtol=TOL)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_block_cpu_formulation_matches_the_previous_one_in_float32(name):
-    """float32: outputs to 1e-5; gradients to 1e-4, as batch norm's backward pass amplifies the rounding of
-    the two formulations' differently ordered sums (sk at C = 64: 2e-5 on a bias gradient of 1.07)."""
-    op, previous, cpu, shapes = CASES[name]
-    shape = shapes[-1]
+def scaled_error(got, truth) -> float:
+    """The largest |got - truth| of any leaf, over that leaf's largest |truth|."""
+    return max(
+        float(np.max(np.abs(np.asarray(g, np.float64) - np.asarray(t))) / max(float(np.max(np.abs(t))), 1e-30))
+        for g, t in zip(jax.tree.leaves(got), jax.tree.leaves(truth), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    "name, shape", [(name, shape) for name, (*_, shapes) in CASES.items() for shape in shapes], ids=str
+)
+def test_block_cpu_formulation_rounds_no_worse_than_the_previous_one_in_float32(name, shape):
+    """float32 against the float64 result of the same float32 inputs: the CPU formulation's error (outputs,
+    batch stats and gradients, each leaf over its own scale) is at most twice the previous formulation's,
+    or 1e-5. Not the two float32 results against each other: batch norm's backward pass amplifies rounding,
+    and how much depends on the XLA build (jaxlib 0.10.2: lax's grouped conv errs by 5.9e-5 on sk's
+    gradients at C = 64, the block-diagonal one by 3e-6)."""
+    op, previous, cpu, _ = CASES[name]
     x = jnp.asarray(random_images(shape, seed=3))
     cotangent = jnp.asarray(random_images(shape, seed=4))
     variables = random_variables(blocks.create(name), x, seed=5)
-    y, stats, *grads = block_step(name, variables, x, cotangent, {op: cpu})
-    y_expected, stats_expected, *grads_expected = block_step(name, variables, x, cotangent, {op: previous})
-    chex.assert_trees_all_close((y, stats), (y_expected, stats_expected), atol=TOL, rtol=TOL)
-    chex.assert_trees_all_close(grads, grads_expected, atol=10 * TOL, rtol=10 * TOL)
+    with jax.enable_x64(True):
+        up = functools.partial(jax.tree.map, lambda a: jnp.asarray(a, jnp.float64))
+        truth = jax.device_get(block_step(name, up(variables), up(x), up(cotangent), {op: previous}))
+    error = {
+        form: scaled_error(block_step(name, variables, x, cotangent, {op: form}), truth) for form in (previous, cpu)
+    }
+    assert error[cpu] <= max(2 * error[previous], TOL), error
 
 
 @pytest.mark.parametrize("name", list(CASES))

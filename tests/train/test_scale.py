@@ -20,7 +20,10 @@ def final(workdir):
 
 
 def test_pmap_and_jit_on_4_devices_end_like_one_device(devices, tmp_path):
-    """The CLI's result (test accuracy and loss) does not depend on the parallel wrapper."""
+    """The CLI's result (test accuracy and loss) does not depend on the parallel wrapper, beyond rounding:
+    a mean over 4 devices' partial means rounds differently from one mean, and two epochs of Adam grow that
+    (jaxlib 0.10.2: test loss 0.140204 on 4 devices, 0.140229 on one, 1.8e-4 apart). The equality of
+    several steps, to 1e-5, is tests/train/test_parallel.py's, in float64."""
     config = Config(epochs=2)
     runs = {}
     for name, kind, used in (("one", "pmap", devices[:1]), ("pmap", "pmap", devices[:4]), ("jit", "jit", devices[:4])):
@@ -28,8 +31,8 @@ def test_pmap_and_jit_on_4_devices_end_like_one_device(devices, tmp_path):
         runs[name] = final(tmp_path / name)
     for name in ("pmap", "jit"):
         assert runs[name]["test_correct"] == runs["one"]["test_correct"]
-        assert runs[name]["test_loss"] == pytest.approx(runs["one"]["test_loss"], rel=1e-4)
-        assert runs[name]["train_loss"] == pytest.approx(runs["one"]["train_loss"], rel=1e-4)
+        assert runs[name]["test_loss"] == pytest.approx(runs["one"]["test_loss"], rel=1e-3)
+        assert runs[name]["train_loss"] == pytest.approx(runs["one"]["train_loss"], rel=1e-3)
     assert json.loads((tmp_path / "jit" / "config.json").read_text())["devices"] == 4
 
 
@@ -53,7 +56,7 @@ def test_gradient_accumulation_equals_the_larger_batch(devices, kind, num_device
         data = [random_batch(64, seed=s) for s in range(3)]
 
         def run(microbatches):
-            step = lambda s, b, axis_name=None: train_step(s, b, axis_name, microbatches=microbatches)  # noqa: E731
+            step = lambda s, b, axis_name=None: train_step(s, b, axis_name, microbatches=microbatches)
             used = devices[:num_devices]
             if kind is None:
                 wrapped, put, current = jax.jit(step), (lambda b: b), state
