@@ -105,9 +105,15 @@ def load_run(workdir: str):
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise InputError(f"{path} does not exist: --workdir must be a folder written by python -m attnjax.train")
-    with open(path) as f:
-        run = json.load(f)
-    config, described = train.Config.from_dict(run["config"]), run["dataset"]
+    try:
+        with open(path) as f:
+            run = json.load(f)
+        config, described = train.Config.from_dict(run["config"]), run["dataset"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise InputError(
+            f"{path} is not a readable run record ({type(error).__name__}: {error}); "
+            "pass the --workdir of a run of python -m attnjax.train"
+        ) from None
     model = train.create_model(config, described["num_classes"])  # the code that built the model it trained
     template = model.init(jax.random.key(0), jnp.zeros((1, *described["image_shape"]), jnp.float32), train=False)
     variables = train.checkpoint.load_variables(workdir, template)
@@ -121,9 +127,12 @@ def render(workdir: str, *, num_images: int = 6, with_photos: bool | None = None
     """Draw the attention maps of the model trained in ``workdir``; returns ``(png path, figure, maps)``.
 
     ``with_photos`` (default: for RGB models) adds scikit-image's photographs after the test images.
+    ``out`` (default ``workdir/attention.png``) may name a folder that does not exist yet: it is created.
     """
     figure_class = _figure_class()
     model, variables, run, dataset = load_run(workdir)
+    out_given = bool(out)
+    out = _output_path(workdir, out)  # before the model runs: a PNG that cannot be written fails at once
     shape = tuple(run["dataset"]["image_shape"])
     test = dataset.test.get_batch(np.arange(min(num_images, len(dataset.test))))
     images, titles = test["image"], [f"test {i}: {dataset.class_names[y]}" for i, y in enumerate(test["label"])]
@@ -143,9 +152,34 @@ def render(workdir: str, *, num_images: int = 6, with_photos: bool | None = None
     predicted = [dataset.class_names[int(k)] for k in np.argmax(logits, -1)]
 
     fig = _draw(figure_class, to_unit_range(images), maps, titles, predicted, run)
-    out = out or os.path.join(workdir, OUTPUT_FILE)
-    fig.savefig(out, dpi=100, bbox_inches="tight")
+    try:
+        fig.savefig(out, dpi=100, bbox_inches="tight")
+    except OSError as error:
+        raise _unwritable(out, error, chosen=out_given) from None
     return out, fig, maps
+
+
+def _output_path(workdir: str, out: str | None) -> str:
+    """Where the PNG goes; an ``out`` in folders that do not exist yet gets them created."""
+    if not out:
+        out = os.path.join(workdir, OUTPUT_FILE)
+        if os.path.isdir(workdir) and not os.access(workdir, os.W_OK):
+            raise _unwritable(out, PermissionError("the workdir is read-only"), chosen=False)
+        return out
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"cannot create the folder {parent} for --out {out}: {error.strerror or error}") from None
+    if not os.access(parent, os.W_OK):
+        raise _unwritable(out, PermissionError(f"{parent} is read-only"), chosen=True)
+    return out
+
+
+def _unwritable(out: str, error: OSError, *, chosen: bool) -> InputError:
+    reason = error.strerror or str(error) or type(error).__name__
+    fix = "pass another --out" if chosen else "pass --out PATH to write it elsewhere"
+    return InputError(f"cannot write {out} ({reason}): {fix}")
 
 
 def _draw(figure_class, images: np.ndarray, maps: Sequence[Map], titles, predicted, run):
@@ -207,7 +241,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--photos", dest="photos", action="store_true", default=None, help="add scikit-image's photographs"
     )
     photos_group.add_argument("--no-photos", dest="photos", action="store_false", help="test images only")
-    parser.add_argument("--out", default=None, help=f"the PNG to write (default: WORKDIR/{OUTPUT_FILE})")
+    parser.add_argument(
+        "--out", default=None, help=f"the PNG to write (default: WORKDIR/{OUTPUT_FILE}); missing folders are created"
+    )
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be at least 1")

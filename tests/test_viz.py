@@ -1,6 +1,8 @@
 """``python -m attnjax.viz``: attention maps of a trained model, drawn from the workdir's files."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ from PIL import Image
 
 from attnjax import blocks, data, models, viz
 from attnjax.data.augment import normalize
-from attnjax.train import Config, checkpoint, train_and_evaluate
+from attnjax.train import CONFIG_FILE, Config, checkpoint, train_and_evaluate
 from attnjax.validate import InputError
 
 
@@ -117,6 +119,47 @@ def test_cli_writes_the_png_and_explains_a_bad_workdir(cbam_run, tmp_path):
     assert proc.returncode == 2 and "config.json does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def viz_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "attnjax.viz", *map(str, args)], check=False, capture_output=True, text=True, timeout=300
+    )
+
+
+def refused_in_one_line(proc, *needles):
+    """Exit status 2 and one ``error:`` line on stderr naming ``needles``, no traceback."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: ") and all(needle in line for needle in needles), line
+
+
+def test_cli_creates_the_missing_folders_of_out_and_refuses_one_under_a_file(cbam_run, tmp_path):
+    out = tmp_path / "new" / "deeper" / "maps.png"
+    proc = viz_cli("--workdir", cbam_run, "--images", "1", "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.stat().st_size > 0
+    (tmp_path / "a-file").write_text("not a folder")
+    under_a_file = tmp_path / "a-file" / "maps.png"
+    refused_in_one_line(viz_cli("--workdir", cbam_run, "--out", under_a_file), str(tmp_path / "a-file"), "--out")
+
+
+def test_cli_refuses_a_read_only_workdir_naming_the_png_and_out(cbam_run, tmp_path):
+    workdir = tmp_path / "read-only-run"
+    workdir.mkdir()
+    for name in (CONFIG_FILE, checkpoint.VARIABLES_FILE):
+        shutil.copy(cbam_run / name, workdir / name)
+    png = workdir / viz.OUTPUT_FILE
+    if os.geteuid() == 0:  # root writes through a chmod: make the default PNG unwritable for root too
+        png.mkdir()
+    os.chmod(workdir, 0o555)
+    try:
+        refused_in_one_line(viz_cli("--workdir", workdir, "--images", "1"), str(png), "--out")
+        out, _, _ = viz.render(str(workdir), num_images=1, out=str(tmp_path / "elsewhere.png"))  # the fix named
+        assert os.path.getsize(out) > 0
+    finally:
+        os.chmod(workdir, 0o755)
+
+
 def drawn_equals_sown(workdir, config: Config, num_images: int = 3):
     """The maps viz draws are those that ``config``'s model (built here from its factory options) sows."""
     out, fig, maps = viz.render(str(workdir), num_images=num_images, with_photos=False)
@@ -162,7 +205,9 @@ def test_viz_draws_a_run_trained_with_a_block_option_that_changes_the_shapes(tmp
     """The issue's case: ``--block cbam --block-option reduction=8``, through both commands."""
     workdir = tmp_path / "run"
     train = [sys.executable, "-m", "attnjax.train", "--block", "cbam", "--block-option", "reduction=8"]
-    proc = subprocess.run([*train, "--epochs", "1", "--workdir", str(workdir)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [*train, "--epochs", "1", "--workdir", str(workdir)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = subprocess.run(
         [sys.executable, "-m", "attnjax.viz", "--workdir", str(workdir), "--images", "2"],

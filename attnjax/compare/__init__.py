@@ -266,18 +266,20 @@ def write_outputs(
         "",
         report.markdown_table(rows),
         "",
-        "Test accuracy: the final epoch's, mean over seeds with Student's t 95% interval. Δ: paired by seed "
-        "(block minus none, same data order), with its t interval; p: paired t test, Holm-corrected over the "
-        "blocks compared. Verdict 'within noise' unless that p < 0.05. Cost: one train step at the run's batch "
-        "on one device; time is the median of interleaved repeats, relative to none's; temp MiB: XLA's "
-        "temporary buffers of the step. ◆: on the Pareto front of mean accuracy against step time.",
+        "Test accuracy: the final epoch's, mean over seeds with Student's t 95% interval (clipped to [0, 100]). "
+        "Δ: paired by seed (block minus none, same data order), with its t interval (clipped to ±100); "
+        "p: paired t test, Holm-corrected over the blocks compared. Verdict 'within noise' unless that p < 0.05. "
+        "Cost: one train step at the run's batch on one device; time is the median of interleaved repeats, "
+        "relative to none's; temp MiB: XLA's temporary buffers of the step. "
+        "◆: on the Pareto front of mean accuracy against step time.",
         "",
         *report.plain_words(rows, BASELINE),
         "",
     ]
     checkpoint.write_atomically(os.path.join(workdir, SUMMARY_MD), "\n".join(text))
-    plots.save(plots.pareto_figure(rows, BASELINE, title=title), os.path.join(workdir, PARETO_PNG))
-    plots.save(plots.curves_figure(curves, BASELINE, title=title), os.path.join(workdir, CURVES_PNG))
+    colours = plots.block_colours(labels, BASELINE)  # every entry of the study: colours do not shift as runs finish
+    plots.save(plots.pareto_figure(rows, BASELINE, title=title, colours=colours), os.path.join(workdir, PARETO_PNG))
+    plots.save(plots.curves_figure(curves, BASELINE, title=title, colours=colours), os.path.join(workdir, CURVES_PNG))
     return rows
 
 

@@ -43,7 +43,10 @@ def summarize(
     costs: dict[str, NetworkCost],
     finals: dict[str, dict[int, float]],
 ) -> list[Row]:
-    """Rows in the order of ``labels`` from each entry's cost and its final test accuracy per seed."""
+    """Rows in the order of ``labels`` from each entry's cost and its final test accuracy per seed.
+
+    Accuracy intervals are clipped to [0, 1] and those of differences to [-1, 1] (``stats.t_interval``).
+    """
     base_cost = costs.get(baseline)
     base_finals = finals.get(baseline, {})
     differences: dict[str, stats.Difference | None] = {}
@@ -53,14 +56,14 @@ def summarize(
             differences[label] = None
             continue
         differences[label] = stats.paired_difference(
-            [finals[label][s] for s in shared], [base_finals[s] for s in shared]
+            [finals[label][s] for s in shared], [base_finals[s] for s in shared], bounds=stats.DIFFERENCE_BOUNDS
         )
     compared = [label for label in labels if differences[label] is not None]
     adjusted = dict(zip(compared, stats.holm([differences[label].p_value for label in compared]), strict=True))
 
     def accuracy(label):
         values = [finals[label][s] for s in sorted(finals.get(label, {}))]
-        return stats.t_interval(values) if values else None
+        return stats.t_interval(values, bounds=stats.ACCURACY_BOUNDS) if values else None
 
     measured = [label for label in labels if label in costs and finals.get(label)]
     means = {label: accuracy(label).mean for label in measured}
@@ -200,8 +203,16 @@ def _interval(interval: stats.Interval | None, sign: bool = False) -> str:
     return f"{_pct(interval.mean, sign=sign)} [{_pct(interval.low, sign=sign)}, {_pct(interval.high, sign=sign)}]"
 
 
+ACCURACY_NOTE = "clipped to [0, 100]"
+DIFFERENCE_NOTE = "clipped to [-100, 100]"
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
-    """The summary as a markdown table: accuracies in percent with their 95% intervals."""
+    """The summary as a markdown table: accuracies in percent with their 95% intervals, clipped to [0, 100].
+
+    The headers say so: with few seeds a t interval can reach past 100% (or a difference past ±100 pp),
+    and the table shows it cut there.
+    """
     header = [
         "block",
         "seeds",
@@ -210,9 +221,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
         "step ms",
         "time vs none (IQR)",
         "temp MiB",
-        "test acc % [95% CI]",
+        f"test acc % [95% CI, {ACCURACY_NOTE}]",
         "sd",
-        "Δ vs none, pp [95% CI]",
+        f"Δ vs none, pp [95% CI, {DIFFERENCE_NOTE}]",
         "p (Holm)",
         "verdict",
     ]

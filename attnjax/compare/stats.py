@@ -6,6 +6,11 @@ per-seed difference cancels that part of the noise (a paired t interval). With m
 compared against one baseline, some 95% intervals exclude zero by chance alone; the verdict
 uses Holm's step-down correction of the paired p-values over the study's comparisons, and
 anything it does not clear is reported as within the noise, never ranked.
+
+An accuracy lies in [0, 1] and a difference of two in [-1, 1], but with 2 or 3 seeds a t interval
+can reach past those ends (two seeds at 60% and 99% give about [-168%, 327%]); the study passes
+those bounds and the interval is clipped to them: it says nothing the bounds do not already say,
+and ``clipped`` records that it happened.
 """
 
 from __future__ import annotations
@@ -19,17 +24,23 @@ from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
 BETTER, WORSE, NOISE, UNKNOWN = "better", "worse", "within noise", "n/a"
+ACCURACY_BOUNDS = (0.0, 1.0)  # an accuracy, as a fraction
+DIFFERENCE_BOUNDS = (-1.0, 1.0)  # one accuracy minus another
 
 
 @dataclasses.dataclass(frozen=True)
 class Interval:
-    """A mean with its sample standard deviation and two-sided confidence interval (``nan`` for one value)."""
+    """A mean with its sample standard deviation and two-sided confidence interval (``nan`` for one value).
+
+    ``clipped``: the t interval reached past the bounds it was computed with and was cut to them.
+    """
 
     mean: float
     sd: float
     low: float
     high: float
     n: int
+    clipped: bool = False
 
     @property
     def half_width(self) -> float:
@@ -39,8 +50,14 @@ class Interval:
         return self.low <= value <= self.high
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
-    """Mean of ``values`` with Student's t interval: mean ± t(n-1) · sd / √n."""
+def t_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE, bounds: tuple[float, float] | None = None
+) -> Interval:
+    """Mean of ``values`` with Student's t interval: mean ± t(n-1) · sd / √n, clipped to ``bounds`` if given.
+
+    ``bounds`` are the values the quantity can take (``ACCURACY_BOUNDS`` for an accuracy): the
+    interval never reaches past them.
+    """
     x = np.asarray(values, dtype=np.float64)
     n = len(x)
     if n == 0:
@@ -50,7 +67,12 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
         return Interval(mean, math.nan, math.nan, math.nan, n)
     sd = float(x.std(ddof=1))
     half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    return Interval(mean, sd, mean - half, mean + half, n)
+    low, high = mean - half, mean + half
+    if bounds is None:
+        return Interval(mean, sd, low, high, n)
+    lowest, highest = bounds
+    clipped = low < lowest or high > highest
+    return Interval(mean, sd, max(low, lowest), min(high, highest), n, clipped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +83,22 @@ class Difference:
     p_value: float
 
 
-def paired_difference(values: Sequence[float], baseline: Sequence[float], confidence: float = CONFIDENCE) -> Difference:
+def paired_difference(
+    values: Sequence[float],
+    baseline: Sequence[float],
+    confidence: float = CONFIDENCE,
+    bounds: tuple[float, float] | None = None,
+) -> Difference:
     """``values[i] - baseline[i]`` over the seeds both have, with the paired t test's p-value.
 
-    Identical differences (zero spread) give p = 0 when they are not zero, 1 when they are.
+    The interval is clipped to ``bounds`` if given (``DIFFERENCE_BOUNDS`` for two accuracies); the
+    p-value is the unclipped test's. Identical differences (zero spread) give p = 0 when they are
+    not zero, 1 when they are.
     """
     if len(values) != len(baseline):
         raise ValueError(f"paired values need equal lengths, got {len(values)} and {len(baseline)}")
     d = np.asarray(values, dtype=np.float64) - np.asarray(baseline, dtype=np.float64)
-    interval = t_interval(d, confidence)
+    interval = t_interval(d, confidence, bounds)
     if interval.n < 2:
         return Difference(interval, math.nan)
     if interval.sd == 0:

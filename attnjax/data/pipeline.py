@@ -43,8 +43,9 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Full global batches per epoch (the remainder is dropped; reshuffling reaches it next epoch)."""
     if batch_size > num_examples:
         raise InputError(
-            f"batch size {batch_size} is larger than the {num_examples} training examples: "
-            f"use --batch-size {num_examples} or less"
+            f"batch size {batch_size} (the examples of one update: --batch-size times --grad-accum) is larger "
+            f"than the {num_examples} training examples: lower --batch-size or --grad-accum so that "
+            f"--batch-size x --grad-accum is {num_examples} or less"
         )
     return num_examples // batch_size
 

@@ -14,10 +14,15 @@ decided per download host by a 3-second connection attempt, or set with ATTNJAX_
 from __future__ import annotations
 
 import functools
+import gzip
 import os
+import re
 import socket
+import tarfile
 import tempfile
 import urllib.parse
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -85,12 +90,24 @@ def _connects(host: str, port: int) -> bool:
     return True
 
 
+def _registered_files(builder) -> dict[str, str]:
+    """url -> file name of each download that ``builder`` registers (the names to put in manual_dir)."""
+    return {
+        url: getattr(info, "filename", None) or Path(urllib.parse.urlparse(url).path).name
+        for url, info in (builder.url_infos or {}).items()
+    }
+
+
 def _missing_downloads(builder, manual_dir: str | None) -> list[tuple[str, str]]:
     """(file name, url) of each registered download found neither in ``manual_dir`` nor online."""
     missing = []
-    for url, info in (builder.url_infos or {}).items():
-        filename = getattr(info, "filename", None) or Path(urllib.parse.urlparse(url).path).name
+    for url, filename in _registered_files(builder).items():
         if manual_dir and (Path(manual_dir) / filename).exists():
+            if not (Path(manual_dir) / filename).is_file():
+                raise InputError(
+                    f"{Path(manual_dir) / filename} is not a file: --manual-dir must hold the original file "
+                    f"{filename} itself (from {url})"
+                )
             continue
         parsed = urllib.parse.urlparse(url)
         if not reachable(parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)):
@@ -115,10 +132,14 @@ def _prepare(tfds, builder, name: str, data_dir: str | None, manual_dir: str | N
         # TFDS names extractions of manual files by file name alone, so mnist would reuse fashion_mnist's
         # extracted train-images-idx3-ubyte in a shared data_dir: extract each preparation privately.
         config = tfds.download.DownloadConfig(manual_dir=manual_dir, extract_dir=extract_dir) if manual_dir else None
-        _download_and_prepare(tfds, builder, name, config)
+        _download_and_prepare(tfds, builder, name, config, data_dir=data_dir, manual_dir=manual_dir)
 
 
-def _download_and_prepare(tfds, builder, name: str, config) -> None:
+# Raised while reading a damaged archive or compressed file (one whose checksum TFDS does not register).
+DAMAGED_FILE_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, tarfile.TarError, zipfile.BadZipFile)
+
+
+def _download_and_prepare(tfds, builder, name: str, config, *, data_dir=None, manual_dir=None) -> None:
     try:
         builder.download_and_prepare(download_config=config, file_format="array_record")
     except ModuleNotFoundError as error:
@@ -130,6 +151,79 @@ def _download_and_prepare(tfds, builder, name: str, config) -> None:
         ) from None
     except AssertionError as error:  # TFDS's way of saying a manual download is missing
         raise InputError(f"preparing {name} failed: {error}") from None
+    except Exception as error:
+        user_error = _user_file_error(error, builder, name, data_dir, manual_dir)
+        if user_error is None:
+            raise
+        raise user_error from None
+
+
+def _user_file_error(error: Exception, builder, name: str, data_dir, manual_dir) -> InputError | None:
+    """The one-line InputError for a preparation that failed on the user's files, or None for other failures."""
+    if any(cls.__name__ == "NonMatchingChecksumError" for cls in type(error).__mro__):
+        return _checksum_error(str(error), builder, name, manual_dir)
+    root = data_dir or str(Path(builder.data_dir).parents[1])  # builder.data_dir is ROOT/name/version
+    where = f"--manual-dir {manual_dir}" if manual_dir else os.path.join(root, "downloads")
+    if isinstance(error, DAMAGED_FILE_ERRORS):
+        summary = " ".join(str(error).split()) or type(error).__name__
+        return InputError(
+            f"preparing {name} failed reading its original files ({type(error).__name__}: {summary}): one of the "
+            f"files in {where} is damaged or truncated; replace it with an intact copy"
+        )
+    if isinstance(error, OSError) and error.filename:
+        path = Path(os.fspath(error.filename))
+        reason = error.strerror or type(error).__name__
+        if manual_dir and _inside(path, manual_dir):
+            return InputError(
+                f"preparing {name} cannot read {path} ({reason}): replace it with an intact, readable copy"
+            )
+        if _inside(path, root):
+            return InputError(
+                f"preparing {name} cannot write {path} ({reason}): pass a --data-dir that you can write to"
+            )
+    return None
+
+
+def _inside(path: Path, folder) -> bool:
+    try:
+        return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
+    except (TypeError, ValueError):
+        return False
+
+
+def _checksum_error(message: str, builder, name: str, manual_dir: str | None) -> InputError:
+    """A damaged original file, named by the path it has in ``manual_dir`` (or in TFDS's downloads)."""
+    # TFDS: "Artifact URL, downloaded to PATH, has wrong checksum: * Expected: UrlInfo(size=...) * Got: ..."
+    found = re.search(r"Artifact (\S+), downloaded to (.+?), has wrong checksum", message)
+    url, path = (found.group(1), found.group(2)) if found else (None, None)
+    filename = _registered_files(builder).get(url) if url else None
+    if filename and manual_dir and (Path(manual_dir) / filename).is_file():
+        path = str(Path(manual_dir) / filename)
+    if path is None:
+        first_line = message.splitlines()[0] if message else "wrong checksum"
+        return InputError(f"preparing {name} failed: an original file is damaged ({first_line}); replace it")
+    expected = getattr((builder.url_infos or {}).get(url), "size", None)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        held = "it cannot be read"
+    else:
+        held = (
+            f"it holds {size:,} bytes where {name} needs {int(expected):,}"
+            if expected and size != int(expected)
+            else f"its {size:,} bytes are not the ones {name} needs (another checksum)"
+        )
+    source = f" (from {url})" if url else ""
+    if manual_dir and _inside(Path(path), manual_dir):
+        return InputError(
+            f"{path} in --manual-dir is damaged or truncated ({held}): replace it with an intact copy of "
+            f"{Path(path).name}{source}"
+        )
+    return InputError(
+        f"the download {path} for {name} is damaged or truncated ({held}): delete it so "
+        f"that it is downloaded again, or put an intact copy of {filename or Path(path).name}{source} in a folder "
+        "and pass it as --manual-dir"
+    )
 
 
 def load(name: str, *, data_dir: str | None, manual_dir: str | None, image_size: int | None) -> Dataset:

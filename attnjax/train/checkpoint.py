@@ -4,13 +4,15 @@
 holds everything needed to continue a run bit for bit: the whole train state (parameters,
 batch-norm statistics, the Adam state, the step, the float16 loss scale) and a JSON record
 (where in the run it was taken, the config, versions, device counts, the finished epochs'
-metrics, the current epoch's per-step metrics, and a SHA-256 digest of the saved arrays).
+metrics, the current epoch's per-step metrics, a SHA-256 digest of the saved arrays, and one of
+the record itself).
 
 Orbax commits a step atomically (written under a temporary name, renamed, then marked with
 ``commit_success.txt``), so a save that is killed leaves the previous checkpoints intact. On
 top of Orbax this module adds what a resume needs to be trusted: a step folder without the
 commit marker is set aside, a checkpoint whose arrays do not match their digest (flipped or
-truncated files) is set aside and the previous one used, a checkpoint of another model is
+truncated files), or whose record does not match its digest or its own arithmetic, is set
+aside and the previous one used, a checkpoint of another model is
 refused naming the first parameter that differs (Orbax alone casts dtypes and ignores
 shapes when restoring into numpy arrays), and a non-finite state is never written.
 
@@ -22,9 +24,11 @@ the model from ``config.json`` and these variables without Orbax.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Mapping
 
 import jax
@@ -45,6 +49,28 @@ BEST_METRIC = "test_accuracy"
 # Orbax logs every save and restore through absl, and a failed save as a traceback; a run prints its
 # metrics, and a failure as one CheckpointError that names the cause.
 logging.getLogger("absl").setLevel(logging.CRITICAL)
+
+
+def silence_closed_event_loop_noise() -> None:
+    """Drop the "Event loop is closed" errors that Orbax's pending TensorStore callbacks raise at exit.
+
+    After a failed save or a damaged read, callbacks still queued for Orbax's asyncio loop run
+    while the interpreter shuts down, and each prints a traceback as an unraisable exception,
+    after the command has already printed its one-line error. Any other unraisable exception
+    goes to the previous hook. Installed by the commands (:func:`attnjax.train.exits.exit_on_failure`).
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "attnjax_filter", False):
+        return
+
+    def hook(unraisable) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.attnjax_filter = True
+    sys.unraisablehook = hook
 
 
 class CheckpointError(RuntimeError):
@@ -118,6 +144,15 @@ def digest(tree) -> str:
         h.update(f"{path}|{leaf.dtype.str}|{leaf.shape}|".encode())
         h.update(leaf.tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def record_digest(record: Mapping) -> str:
+    """SHA-256 of ``record`` as canonical JSON, leaving out its own ``record_digest``.
+
+    JSON turns tuples into lists and back into lists: the text, hence the digest, is the same.
+    """
+    fields = {k: v for k, v in record.items() if k != "record_digest"}
+    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
 def first_non_finite(tree) -> str | None:
@@ -232,6 +267,7 @@ class Checkpoints:
         if bad is not None:
             raise CheckpointError(f"refusing to save step {step}: {bad} is not finite")
         record = {**record, "step": step, "digest": digest(host)}
+        record["record_digest"] = record_digest(record)
         self.wait()  # raises a failure of the previous asynchronous save before starting another
         if step in self.manager.all_steps():
             self.manager.delete(step)
@@ -274,43 +310,29 @@ class Checkpoints:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def restore(self, template) -> tuple[object, dict] | None:
+    def restore(self, template, check_record=None) -> tuple[object, dict] | None:
         """The newest committed checkpoint that is intact, as ``(state, record)``; ``None`` if there is none.
 
         ``template`` is a freshly created train state of the same model: the restored
         arrays take its structure. A checkpoint of another model raises :class:`InputError`.
-        A damaged one (unreadable files, or arrays that do not match the recorded digest) is
-        set aside and the previous one tried; if every one is damaged, :class:`CheckpointError`
-        names them.
+        A damaged one (unreadable files or metadata, arrays or a record that do not match the
+        digests recorded when it was saved, or a record that ``check_record(record)`` finds
+        inconsistent: it returns the reason, or ``None``) is set aside and the previous one
+        tried; if every one is damaged, :class:`CheckpointError` names them. ``check_record``
+        may also raise :class:`InputError` (an intact run that this command must not continue).
         """
         expected = to_host(template)
         damaged = []
         for step in reversed(self.steps()):
-            try:
-                metadata = self.manager.item_metadata(step)["state"]
-            except Exception as error:
-                damaged.append((step, f"its metadata cannot be read ({type(error).__name__}: {error})"))
+            reason, restored = self._read(step, expected)
+            if reason is None:
+                state, record = restored["state"], restored["record"]
+                reason = self._check_record(state, record, check_record)
+            if reason is not None:
+                damaged.append((step, reason))
                 continue
-            mismatch = describe_mismatch(metadata, expected) if metadata is not None else "it has no state"
-            if mismatch:
-                raise InputError(
-                    f"checkpoint {self.path(step)} is not of this model: {mismatch}. It was written by another "
-                    "configuration; pass a new --workdir for this one."
-                )
-            try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(expected), record=ocp.args.JsonRestore()),
-                )
-            except Exception as error:
-                damaged.append((step, f"its files cannot be read ({type(error).__name__}: {str(error)[:300]})"))
-                continue
-            state, record = restored["state"], restored["record"]
-            if not isinstance(record, Mapping) or record.get("digest") != digest(state):
-                damaged.append((step, "its arrays do not match the digest recorded when it was saved"))
-                continue
-            for bad_step, reason in damaged:
-                self._move_aside(bad_step, reason)
+            for bad_step, bad_reason in damaged:
+                self._move_aside(bad_step, bad_reason)
             if damaged:
                 _sync("attnjax:damaged-set-aside")
                 self.manager.reload()
@@ -322,3 +344,34 @@ class Checkpoints:
                 f"{self.directory} away to start the run again."
             )
         return None
+
+    def _read(self, step: int, expected) -> tuple[str | None, dict | None]:
+        """``(None, restored)`` for a checkpoint that reads, else ``(why it is damaged, None)``."""
+        try:
+            metadata = self.manager.item_metadata(step)["state"]
+        except Exception as error:
+            return f"its metadata cannot be read ({type(error).__name__}: {str(error)[:300]})", None
+        if not metadata:  # a deleted or emptied state/_METADATA reads as nothing: damage, not another model
+            return "its array metadata (state/_METADATA) is missing or empty", None
+        mismatch = describe_mismatch(metadata, expected)
+        if mismatch:
+            raise InputError(
+                f"checkpoint {self.path(step)} is not of this model: {mismatch}. It was written by another "
+                "configuration; pass a new --workdir for this one."
+            )
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(expected), record=ocp.args.JsonRestore())
+            )
+        except Exception as error:
+            return f"its files cannot be read ({type(error).__name__}: {str(error)[:300]})", None
+        return None, restored
+
+    @staticmethod
+    def _check_record(state, record, check_record) -> str | None:
+        if not isinstance(record, Mapping) or record.get("digest") != digest(state):
+            return "its arrays do not match the digest recorded when it was saved"
+        # Checkpoints from before the record had a digest are checked by their arithmetic alone.
+        if "record_digest" in record and record["record_digest"] != record_digest(record):
+            return "its record (epoch, batch, history, config) does not match the digest recorded when it was saved"
+        return check_record(record) if check_record is not None else None

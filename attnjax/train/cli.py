@@ -15,7 +15,7 @@ import jax
 
 from attnjax import data, xla_options
 from attnjax.train import parallel
-from attnjax.train.config import Config
+from attnjax.train.config import Config, check_config_fields
 from attnjax.train.exits import exit_on_failure
 from attnjax.train.loop import train_and_evaluate
 from attnjax.train.recipe import CHOICES, check_config
@@ -77,8 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The keys a run's config.json holds beside "config" (Workdir.write_config: Recipe.run_description).
+# Three of them share an option's name; in a run's file they are what the run resolved, not options.
+RUN_KEYS = ("augment", "devices", "processes", "jax", "dataset", "xla_options", "formulations")
+
+
 def load_config_file(path: str) -> dict:
-    """The option values in ``path``: a run's ``config.json`` (its ``config`` object) or a flat JSON object."""
+    """The option values in ``path``, type-checked: a run's ``config.json`` (its ``config``) or a flat JSON object.
+
+    A ``config`` object makes the file a run's; options beside it would be ambiguous (which one
+    wins?), so they are refused rather than one silently dropped.
+    """
     try:
         with open(path) as file:
             data = json.load(file)
@@ -86,30 +95,38 @@ def load_config_file(path: str) -> dict:
         raise InputError(
             f"--config {path} cannot be read ({error}); give a run's config.json or a JSON object"
         ) from None
-    fields = data.get("config", data) if isinstance(data, dict) else None
-    if not isinstance(fields, dict):
+    if not isinstance(data, dict):
         raise InputError(f'--config {path} holds no JSON object of options, such as {{"block": "se"}}')
-    known = [field.name for field in dataclasses.fields(Config)]
-    unknown = sorted(set(fields) - set(known))
-    if unknown:
-        raise InputError(f"--config {path}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(known)}")
-    return fields
+    fields = data
+    if "config" in data:
+        if not isinstance(data["config"], dict):
+            raise InputError(
+                f'--config {path}: "config" is {json.dumps(data["config"])[:60]}, not an object; a run\'s '
+                "config.json holds its options there, a file written by hand holds them at the top level"
+            )
+        options = {field.name for field in dataclasses.fields(Config)}
+        beside = sorted((set(data) & options) - set(RUN_KEYS))
+        if beside:
+            raise InputError(
+                f'--config {path} has both a "config" object (a run\'s options) and option(s) {", ".join(beside)} '
+                "beside it; give either a run's config.json or one flat object of options"
+            )
+        fields = data["config"]
+    return check_config_fields(fields, f"--config {path}")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, str, bool]:
     """The config, the workdir and whether to continue a run found there.
 
-    With ``--config FILE`` the file's values replace the defaults, and the options given on the
-    command line replace the file's.
+    With ``--config FILE`` the file's values (type-checked: :func:`load_config_file`) replace the
+    defaults, and the options given on the command line replace the file's.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     from_file = {}
     if args.config:
-        try:
+        with exit_on_failure():  # one line, like check_config's: the usage would bury it
             from_file = load_config_file(args.config)
-        except InputError as error:
-            parser.error(str(error))
         repeatable = {field.name for field in dataclasses.fields(Config) if field.type is tuple}
         parser.set_defaults(**{k: v for k, v in from_file.items() if k not in repeatable})
         args = parser.parse_args(argv)

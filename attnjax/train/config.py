@@ -2,6 +2,9 @@
 
 # No `from __future__ import annotations`: the CLI reads each field's type as a callable.
 import dataclasses
+import json
+import types
+import typing
 
 from attnjax.validate import InputError
 
@@ -17,7 +20,7 @@ class Config:
 
     dataset: str = _option(
         "digits",
-        "'digits' (embedded, no download), 'folder:PATH' (PATH/{train,test}/<class>/*.png|jpg), "
+        "'digits' (embedded, no download), 'folder:PATH' (PATH/{train,test}/<class>/*.png|jpg|jpeg|webp|gif), "
         "or a TFDS image-classification dataset (mnist, fashion_mnist, cifar10, ...)",
     )
     model: str = _option("attention_net", "network that hosts the attention block")
@@ -129,6 +132,77 @@ class Config:
         ]
 
 
+def _json_kind(value) -> str:
+    """How JSON spells ``value``'s type, for a refusal (bool first: it is an int in Python)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "a whole number"
+    if isinstance(value, float):
+        return "a decimal number"
+    return {str: "a string", list: "a list", tuple: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _field_kind(field: dataclasses.Field) -> tuple[type, bool]:
+    """A field's type and whether it takes null (``str | None``)."""
+    args = typing.get_args(field.type) if isinstance(field.type, types.UnionType) else ()
+    if args:
+        return next(arg for arg in args if arg is not type(None)), type(None) in args
+    return field.type, False
+
+
+def check_config_fields(fields: dict, source: str, choices=None) -> dict:
+    """``fields`` (option names and JSON values) checked against :class:`Config`'s types; the values to use.
+
+    A value of the wrong type raises :class:`InputError` with one line naming ``source`` (such as
+    ``--config FILE``), the field, the value and what the field takes. The values returned are
+    ready for ``Config(**...)``: lists as tuples, whole numbers in float fields as floats.
+    ``choices`` (name: callable listing the valid values) defaults to the recipe's ``CHOICES``.
+    The checks are strict where argparse would convert: a file's value is never parsed from a
+    string, so ``"false"`` would otherwise be a truthy string and ``3.5`` epochs would train.
+    """
+    if choices is None:
+        from attnjax.train import recipe  # here, not above: recipe imports this module
+
+        choices = recipe.CHOICES
+    by_name = {field.name: field for field in dataclasses.fields(Config)}
+    unknown = sorted(set(fields) - set(by_name))
+    if unknown:
+        raise InputError(f"{source}: unknown option(s) {', '.join(unknown)}; valid: {', '.join(by_name)}")
+    checked = {}
+    for name, value in fields.items():
+        kind, nullable = _field_kind(by_name[name])
+        example = by_name[name].default
+        if value is None and nullable:
+            checked[name] = None
+            continue
+        if kind is bool:
+            ok, takes, example = isinstance(value, bool), "true or false", None
+        elif kind is int:  # a JSON integer only: 3.0 and true are refused, not rounded or counted as 1
+            ok, takes = isinstance(value, int) and not isinstance(value, bool), "a whole number"
+        elif kind is float:
+            ok, takes = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            value = float(value) if ok else value
+        elif kind is tuple:  # repeatable KEY=VALUE options: a string would be read character by character
+            ok = isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
+            takes, example = "a list of strings", ["KEY=VALUE"]
+            value = tuple(value) if ok else value
+        elif name in choices:  # as argparse checks a flag's value against its choices
+            valid = choices[name]()
+            ok, takes, example = isinstance(value, str) and value in valid, f"one of: {', '.join(valid)}", None
+        else:
+            ok, takes = isinstance(value, kind), "a string"
+        if not ok:
+            shown = json.dumps(value, default=str)
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            kind_text = "" if value is None else f" ({_json_kind(value)})"
+            takes += " or null" if nullable else ""
+            takes += f", such as {json.dumps(example)}" if example not in (None, "", ()) else ""
+            raise InputError(f'{source}: "{name}" is {shown}{kind_text}; it takes {takes}')
+        checked[name] = value
+    return checked
+
+
 # The options that change what training computes: a run continues only with all of them unchanged.
 # Paths, checkpoint intervals and multi-host addresses may change between an interruption and its resume.
 TRAJECTORY_FIELDS = (
@@ -154,3 +228,15 @@ TRAJECTORY_FIELDS = (
     "image_size",
     "parallel",
 )
+
+
+def other_options_message(workdir: str, diff: list[str]) -> str:
+    """The refusal of a command whose options differ from the run in ``workdir``.
+
+    ``diff``: the lines of :meth:`Config.trajectory_diff`.
+    """
+    return (
+        f"{workdir} holds a run with other options, and continuing it with these would not reproduce it:\n  "
+        + "\n  ".join(diff)
+        + "\nRerun with the run's options to continue it, or pass a new --workdir."
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from attnjax.train.checkpoint import CheckpointError
+from attnjax.train.checkpoint import CheckpointError, silence_closed_event_loop_noise
 from attnjax.train.hooks.nan_guard import TrainingDiverged
 from attnjax.train.preemption import Interrupted
 from attnjax.validate import InputError
@@ -41,6 +41,7 @@ def exit_on_failure(interrupted_note: str = "", aborted: str = ABORTED):
     ``interrupted_note`` follows an interruption's message (a study says where its summary is);
     ``aborted`` is the message for a Ctrl-C that stopped at once.
     """
+    silence_closed_event_loop_noise()
     try:
         yield
     except tuple(kind for kind, _ in FAILURES) as error:

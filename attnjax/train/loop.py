@@ -32,7 +32,7 @@ from attnjax.train.parallel import to_devices
 from attnjax.train.preemption import Preemption
 from attnjax.train.recipe import Recipe, check_config, resolve_devices
 from attnjax.train.step import TrainState
-from attnjax.train.workdir import Progress, Workdir, check_workdir, versions
+from attnjax.train.workdir import Progress, Workdir, check_workdir, claim_workdir, versions
 
 
 def evaluate(
@@ -97,10 +97,21 @@ def train_and_evaluate(
     check_config(config)
     devices, num_devices = resolve_devices(config, devices)
     check_workdir(config, workdir, resume)
-    run_dir = Workdir(workdir)
-    recipe = Recipe.build(config, devices, num_devices, dataset)
-    checkpoints = checkpoint.Checkpoints(workdir, asynchronous=asynchronous_checkpoints)
-    progress = Progress(workdir, enabled=run_dir.leader)
+    recipe = Recipe.build(config, devices, num_devices, dataset)  # the dataset's refusals come before any file
+    with claim_workdir(workdir):
+        state, position = _train(recipe, Workdir(workdir), preemption, asynchronous_checkpoints, on_step)
+    last = position.history[-1]  # check_config requires epochs >= 1, so there is at least one
+    Workdir(workdir).say(
+        f"final test accuracy: {last['test_accuracy']:.4f} ({last['test_correct']}/{last['test_examples']})", flush=True
+    )
+    return state, position.history
+
+
+def _train(recipe: Recipe, run_dir: Workdir, preemption, asynchronous_checkpoints: bool, on_step):
+    """The loop itself, in a claimed workdir; returns the final state and position."""
+    config, devices = recipe.config, recipe.devices
+    progress = Progress(run_dir.path, enabled=run_dir.leader)
+    checkpoints = checkpoint.Checkpoints(run_dir.path, asynchronous=asynchronous_checkpoints)
     state, position = restore_position(recipe, checkpoints, progress, run_dir)
     run_dir.write_config(config, recipe.run_description())
     state = recipe.replicate(state)
@@ -132,22 +143,18 @@ def train_and_evaluate(
                 position.carried_seconds = seconds
                 saving.stop_here(position, state, f"during the evaluation of epoch {position.epoch}")
             record = position.finish_epoch(test, seconds, recipe.update_batch)
-            saving.save_epoch(position, state, test["accuracy"])
+            saving.save_epoch(position, state, test["accuracy"])  # the first one waits for its commit
             run_dir.write_epoch(state.variables(), record)
             for hook in hooks:
                 hook.after_epoch(position, record)
-    last = position.history[-1]  # check_config requires epochs >= 1, so there is at least one
-    run_dir.say(
-        f"final test accuracy: {last['test_accuracy']:.4f} ({last['test_correct']}/{last['test_examples']})", flush=True
-    )
-    return state, position.history
+    return state, position
 
 
 def _hooks(recipe: Recipe, run_dir: Workdir, checkpoints, preemption: Preemption, progress, position, on_step):
     """The NaN guard, checkpointing, and every hook in the order they run after each step."""
     config = recipe.config
     guard = NanGuard(checkpoints.path, config.learning_rate, run_dir.metrics_path)
-    run = run_fields(config, recipe.num_devices, versions())
+    run = run_fields(config, recipe.num_devices, versions(), recipe.dataset.describe())
     saving = Checkpointing(checkpoints, preemption, config, run, before_save=guard.collect, say=run_dir.say)
     unfinished = position.epoch <= config.epochs  # a run that had already finished writes nothing new
     writer = create_writer(run_dir.path, config.tensorboard and run_dir.leader and unfinished, position.step + 1)

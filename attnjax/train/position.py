@@ -108,3 +108,29 @@ class Position:
             best_test_accuracy=record["best_test_accuracy"],
             last_good=record["step"],
         )
+
+
+def record_inconsistency(record: dict) -> str | None:
+    """Why a checkpoint's record contradicts itself (its step, epoch, batch and history), or ``None``.
+
+    A record that passes its digest always passes this; a record from before the digest existed
+    is trusted only this far.
+    """
+    try:
+        steps_per_epoch, epoch, batch, step = (record[k] for k in ("steps_per_epoch", "epoch", "batch", "step"))
+        history = record["history"]
+        counts = [len(v) for v in record["epoch_metrics"].values()]
+    except (KeyError, TypeError, AttributeError) as error:
+        return f"its record lacks a field ({type(error).__name__}: {error})"
+    if not all(isinstance(v, int) and v >= 0 for v in (steps_per_epoch, epoch, batch, step)) or epoch < 1:
+        return "its record's epoch, batch or step is not a count"
+    if batch > steps_per_epoch or step != (epoch - 1) * steps_per_epoch + batch:
+        return (
+            f"its record says step {step} but epoch {epoch}, batch {batch} of {steps_per_epoch} "
+            f"(step {(epoch - 1) * steps_per_epoch + batch})"
+        )
+    if [line.get("epoch") if isinstance(line, dict) else None for line in history] != list(range(1, epoch)):
+        return f"its record's history has {len(history)} epoch lines where epoch {epoch} needs {epoch - 1}"
+    if any(count != batch for count in counts):
+        return f"its record holds {counts} per-step metrics for {batch} batches of epoch {epoch}"
+    return None

@@ -4,20 +4,27 @@
 line per finished epoch), ``variables.msgpack`` (the model after the last epoch) and
 ``progress`` (the last step dispatched). Checkpoints live in ``WORKDIR/checkpoints``
 (:mod:`attnjax.train.checkpoint`). :func:`check_workdir` refuses a folder that this run must
-not touch, before any work; :class:`Workdir` writes the files, on process 0 only.
+not touch, before any work and without writing anything; :func:`claim_workdir` then creates
+it and takes its lock (``WORKDIR/lock``: one writer per workdir); :class:`Workdir` writes the
+files, on process 0 only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import socket
+import sys
 from importlib import metadata
 
 import jax
 import numpy as np
 
 from attnjax.train import checkpoint
-from attnjax.train.config import Config
+from attnjax.train.config import Config, other_options_message
 from attnjax.train.hooks import Hook
 from attnjax.validate import InputError
 
@@ -26,6 +33,11 @@ CONFIG_FILE = "config.json"
 PROGRESS_FILE = "progress"  # the last step dispatched, rewritten in place every step: how much an interruption lost
 TIMING_FIELDS = ("images_per_second", "epoch_seconds")  # the only fields that vary between identical runs
 SHARED_MARKER = ".attnjax-shared-check"
+LOCK_FILE = "lock"  # flock'ed by the process that writes the run; the kernel drops it when that process dies
+# Orbax cannot read back a checkpoint whose path holds these (its OCDBT merge globs the folder, and
+# TensorStore takes a backslash for a separator): measured with orbax-checkpoint 0.12.8 and
+# tensorstore 0.1.86, Orbax alone.
+UNREADABLE_PATH_CHARACTERS = "[]\\"
 
 
 def is_leader() -> bool:
@@ -54,11 +66,14 @@ def metrics_lines(workdir: str) -> int:
 
 
 def check_workdir(config: Config, workdir: str, resume: bool = True) -> None:
-    """Refuse a workdir this run must not touch, before any work; create it if it is new.
+    """Refuse a workdir this run must not touch, before any work; writes nothing.
 
     A workdir that holds a run is continued (``resume``) only with the same options that
     shape training (:data:`attnjax.train.config.TRAJECTORY_FIELDS`); ``resume=False`` refuses it.
+    A workdir in use by another process is refused. An unreadable ``config.json`` is noted:
+    the run's checkpoint, which records its config, is checked against this command instead.
     """
+    check_path_characters(workdir)
     names = (CONFIG_FILE, METRICS_FILE, checkpoint.CHECKPOINTS_DIR)
     holds = [name for name in names if os.path.exists(os.path.join(workdir, name))]
     if holds and not resume:
@@ -66,21 +81,50 @@ def check_workdir(config: Config, workdir: str, resume: bool = True) -> None:
             f"{workdir} holds a run ({', '.join(holds)}) and --no-resume refuses to touch it: "
             "drop --no-resume to continue that run, or pass a new --workdir."
         )
-    saved = read_config(workdir)
+    if is_leader():
+        holder = WorkdirLock(workdir).holder()
+        if holder is not None:
+            raise InputError(in_use_message(workdir, holder))
+    try:
+        saved = read_config(workdir)
+    except InputError as error:
+        if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS_DIR)):
+            raise
+        saved = None
+        if is_leader():
+            note = f"attnjax: {str(error).split(';')[0]}; this command is checked against the run's checkpoint instead"
+            print(note, file=sys.stderr, flush=True)
     if saved is not None:
         diff = config.trajectory_diff(saved)
         if diff:
-            raise InputError(
-                f"{workdir} holds a run with other options, and continuing it with these would not reproduce it:\n  "
-                + "\n  ".join(diff)
-                + "\nRerun with the run's options to continue it, or pass a new --workdir."
-            )
+            raise InputError(other_options_message(workdir, diff))
     has_checkpoints = os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINTS_DIR))
     if metrics_lines(workdir) and not has_checkpoints:
         raise InputError(
             f"{os.path.join(workdir, METRICS_FILE)} already exists from an earlier run that left no checkpoint to "
             "continue from; attnjax does not overwrite results. Pass a new --workdir (or move that run away)."
         )
+
+
+def check_path_characters(workdir: str) -> None:
+    """Refuse a path whose checkpoints Orbax would write and then fail to read (the run would be lost)."""
+    path = os.path.abspath(workdir)
+    found = sorted({c for c in path if c in UNREADABLE_PATH_CHARACTERS})
+    if found:
+        shown = " ".join(found)
+        raise InputError(
+            f"--workdir {path} holds {shown}: Orbax writes checkpoints under such a path but cannot read them back. "
+            f"Pass a --workdir whose full path has none of [ ] \\ (spaces and non-ASCII letters are fine)."
+        )
+
+
+def claim_workdir(workdir: str) -> WorkdirLock:
+    """Create ``workdir`` (on process 0), check that it can be written, and take its lock for the run.
+
+    Every process returns the lock (only process 0's holds the file); all fail together when
+    process 0 cannot claim the folder, and a multi-host run checks that all processes share it.
+    """
+    lock, problem = WorkdirLock(workdir), None
     if is_leader():
         probe = os.path.join(workdir, f".attnjax-write-test-{os.getpid()}")
         try:
@@ -89,12 +133,94 @@ def check_workdir(config: Config, workdir: str, resume: bool = True) -> None:
                 f.write("ok")
             os.remove(probe)
         except OSError as error:
-            raise InputError(
+            problem = (
                 f"--workdir {workdir} cannot be created or written ({error.strerror or error}): "
                 "pass a folder you can write to."
-            ) from None
+            )
+        if problem is None:
+            problem = lock.acquire()
     if jax.process_count() > 1:
-        check_workdir_is_shared(workdir)
+        from jax.experimental import multihost_utils
+
+        failed = multihost_utils.broadcast_one_to_all(np.asarray(problem is not None, np.int32))
+        if int(failed) and problem is None:
+            problem = f"process 0 could not claim --workdir {workdir}: its message says why"
+        if problem is None:
+            check_workdir_is_shared(workdir)
+    if problem is not None:
+        lock.release()
+        raise InputError(problem)
+    return lock
+
+
+def in_use_message(workdir: str, holder: str) -> str:
+    return (
+        f"--workdir {workdir} is in use by another attnjax process ({holder}): wait for it to finish or stop it, "
+        "or pass another --workdir."
+    )
+
+
+class WorkdirLock(contextlib.AbstractContextManager):
+    """An advisory ``flock`` on ``WORKDIR/lock``, held while one process writes the run.
+
+    The kernel releases it when the process exits, however it exits, so ``kill -9`` never
+    leaves a stale lock. The file holds the holder's pid, host and start time, for the message
+    a second process prints; the file itself stays (removing a lock file races with its next taker).
+    """
+
+    def __init__(self, workdir: str):
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self.fd: int | None = None
+
+    def holder(self) -> str | None:
+        """Who holds the lock now (as written in the file), or ``None`` if nobody does; creates nothing."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None  # no lock file: no attnjax process has claimed this workdir
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return self._describe()
+        finally:
+            os.close(fd)  # closing drops the probe's shared lock, if it got one
+        return None
+
+    def _describe(self) -> str:
+        try:
+            with open(self.path) as f:
+                return f.read().strip() or "a process that has not written its name yet"
+        except OSError:
+            return "a process whose name cannot be read"
+
+    def acquire(self) -> str | None:
+        """Take the lock; ``None`` on success, else the one-line refusal naming the holder."""
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            return (
+                f"{self.path} cannot be opened as the workdir's lock ({error.strerror or error}): "
+                "remove it and rerun the same command"
+            )
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            self.fd = None
+            return in_use_message(os.path.dirname(self.path), self._describe())
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode(), 0)
+        return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an idle workdir's lock names nobody
+            os.close(self.fd)  # releases the flock
+            self.fd = None
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def check_workdir_is_shared(workdir: str) -> None:
@@ -150,9 +276,17 @@ class Workdir:
         return bool(metrics_lines(self.path))
 
     def write_config(self, config: Config, run: dict) -> None:
+        """``config.json``; left as it is when it already says the same (a finished run rerun changes no file)."""
         if self.leader:
             text = json.dumps({"config": config.to_dict(), **run}, indent=2)
-            checkpoint.write_atomically(os.path.join(self.path, CONFIG_FILE), text)
+            path = os.path.join(self.path, CONFIG_FILE)
+            try:
+                with open(path) as f:
+                    if f.read() == text:
+                        return
+            except OSError:
+                pass  # missing or unreadable: written anew
+            checkpoint.write_atomically(path, text)
 
     def write_history(self, history: list[dict]) -> None:
         """``metrics.jsonl`` as ``history``: a resumed run's finished epochs are the checkpoint's.
@@ -178,7 +312,13 @@ class Progress(Hook):
 
     def __init__(self, workdir: str, enabled: bool):
         self.path = os.path.join(workdir, PROGRESS_FILE)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644) if enabled else None
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644) if enabled else None
+        except OSError as error:
+            raise InputError(
+                f"{self.path} cannot be opened for writing ({error.strerror or error}); it only notes the last step "
+                "dispatched: remove it and rerun the same command"
+            ) from None
 
     def last_step(self) -> int | None:
         try:

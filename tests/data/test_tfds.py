@@ -2,6 +2,7 @@
 
 import gzip
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from attnjax import data
 from attnjax.data import tfds_source
+from attnjax.validate import InputError
 
 
 def read_idx(path):
@@ -102,6 +104,40 @@ def test_manual_dir_missing_some_files_names_them(tmp_path, shared_data, monkeyp
     with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte.gz.*--manual-dir") as error:
         data.load("mnist", data_dir=str(tmp_path / "d"), manual_dir=str(partial))
     assert "train-images" not in str(error.value)
+
+
+def copy_of_mnist(shared_data, folder):
+    """A writable copy of MNIST's four original files."""
+    folder.mkdir()
+    for original in (shared_data / "mnist").glob("*.gz"):
+        shutil.copyfile(original, folder / original.name)
+    return folder
+
+
+def test_a_truncated_original_file_is_named_with_the_fix(tmp_path, shared_data, monkeypatch):
+    """TFDS's NonMatchingChecksumError (90 lines of traceback) becomes one line naming the file in manual_dir."""
+    monkeypatch.setenv(tfds_source.OFFLINE_VARIABLE, "1")
+    manual = copy_of_mnist(shared_data, tmp_path / "manual")
+    damaged = manual / "train-images-idx3-ubyte.gz"
+    with open(damaged, "r+b") as f:
+        f.truncate(100_000)
+    start = time.monotonic()
+    with pytest.raises(InputError) as error:
+        data.load("mnist", data_dir=str(tmp_path / "d"), manual_dir=str(manual))
+    message = str(error.value)
+    assert "\n" not in message and str(damaged) in message and "100,000 bytes" in message
+    assert "9,912,422" in message and "replace it with an intact copy" in message
+    assert "t10k" not in message and "labels" not in message  # the intact files are not blamed
+    assert time.monotonic() - start < 60  # checksums are checked before any conversion
+
+
+def test_a_folder_in_place_of_an_original_file_is_refused(tmp_path, shared_data, monkeypatch):
+    monkeypatch.setenv(tfds_source.OFFLINE_VARIABLE, "1")
+    manual = copy_of_mnist(shared_data, tmp_path / "manual")
+    (manual / "t10k-labels-idx1-ubyte.gz").unlink()
+    (manual / "t10k-labels-idx1-ubyte.gz").mkdir()
+    with pytest.raises(InputError, match=r"t10k-labels-idx1-ubyte.gz is not a file"):
+        data.load("mnist", data_dir=str(tmp_path / "d"), manual_dir=str(manual))
 
 
 def test_not_an_image_classification_dataset_is_refused(tmp_path):

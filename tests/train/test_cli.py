@@ -1,5 +1,6 @@
-"""`python -m attnjax.train` end to end, in subprocesses, as a user runs it (on 8 fake devices)."""
+"""`python -m attnjax.train` end to end, in subprocesses, as a user runs it (on 8 fake devices); its --config checks."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from attnjax import ops, xla_options
-from attnjax.train import TIMING_FIELDS
+from attnjax.train import TIMING_FIELDS, cli
+from attnjax.train.config import Config
+from attnjax.train.workdir import Workdir
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
 
@@ -136,3 +139,120 @@ def test_python_m_attnjax_train_imports_the_training_module_once_and_no_cycle():
     assert "attnjax.train.cli" not in training.replace(
         "(see :mod:`attnjax.train.cli`", ""
     )  # the CLI imports training, not back
+
+
+# --config files are type-checked: every value against its Config field's type, in-process (nothing trains).
+# A run's config.json as Workdir.write_config records it: its options under "config", then the run's description.
+RUN_DESCRIPTION = {
+    "augment": "none",
+    "devices": 8,
+    "processes": 1,
+    "jax": "0.0",
+    "dataset": {"name": "digits"},
+    "xla_options": {},
+    "formulations": {},
+}
+
+
+@pytest.mark.parametrize(
+    "content, field, message",
+    [
+        ({"tensorboard": "false"}, "tensorboard", '"tensorboard" is "false" (a string); it takes true or false'),
+        ({"nesterov": "false"}, "nesterov", '"nesterov" is "false" (a string); it takes true or false'),
+        ({"distributed": 1}, "distributed", '"distributed" is 1 (a whole number); it takes true or false'),
+        ({"epochs": "5"}, "epochs", '"epochs" is "5" (a string); it takes a whole number, such as 12'),
+        ({"epochs": 2.5}, "epochs", '"epochs" is 2.5 (a decimal number); it takes a whole number'),
+        ({"epochs": 3.0}, "epochs", '"epochs" is 3.0 (a decimal number); it takes a whole number'),
+        ({"epochs": True}, "epochs", '"epochs" is true (a boolean); it takes a whole number'),
+        ({"batch_size": [128]}, "batch_size", '"batch_size" is [128] (a list); it takes a whole number'),
+        ({"seed": None}, "seed", '"seed" is null; it takes a whole number, such as 0'),
+        ({"learning_rate": "1e-3"}, "learning_rate", '"learning_rate" is "1e-3" (a string); it takes a number'),
+        ({"learning_rate": None}, "learning_rate", '"learning_rate" is null; it takes a number, such as 0.001'),
+        ({"momentum": False}, "momentum", '"momentum" is false (a boolean); it takes a number'),
+        ({"num_processes": "2"}, "num_processes", '"num_processes" is "2" (a string); it takes a whole number or null'),
+        ({"data_dir": 5}, "data_dir", '"data_dir" is 5 (a whole number); it takes a string or null'),
+        ({"profile_steps": 5}, "profile_steps", '"profile_steps" is 5 (a whole number); it takes a string'),
+        (
+            {"block_option": "reduction=8"},
+            "block_option",
+            '"block_option" is "reduction=8" (a string); it takes a list',
+        ),
+        (
+            {"model_option": ["stem=cifar", 3]},
+            "model_option",
+            '"model_option" is ["stem=cifar", 3] (a list); it takes a list of strings',
+        ),
+        ({"block": ["se"]}, "block", '"block" is ["se"] (a list); it takes one of: '),
+        ({"block": "squeeze"}, "block", '"block" is "squeeze" (a string); it takes one of: '),
+        ({"optimizer": None}, "optimizer", '"optimizer" is null; it takes one of: '),
+        ({"dataset": {"name": "digits"}}, "dataset", '"dataset" is {"name": "digits"} (an object); it takes a string'),
+        ({"blok": "se"}, "blok", "unknown option(s) blok; valid: dataset"),
+        ({"config": {"block": "se"}, "seed": 3}, "seed", 'has both a "config" object'),
+        ({"config": "se"}, "config", '"config" is "se", not an object'),
+        ({"config": {"tensorboard": "false"}, **RUN_DESCRIPTION}, "tensorboard", '"tensorboard" is "false"'),
+    ],
+)
+def test_a_wrongly_typed_config_file_is_a_one_line_error_before_any_file(tmp_path, capsys, content, field, message):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(content))
+    workdir = tmp_path / "w"
+    # Parsing is where the file is read: a refusal there comes before check_config, JAX and the workdir.
+    with pytest.raises(SystemExit) as info:
+        cli.parse_args(["--config", str(path), "--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert err.startswith(f"error: --config {path}") and message in err and field in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not workdir.exists()
+
+
+def test_a_runs_config_json_and_well_typed_values_are_accepted(tmp_path):
+    recorded = Config(
+        block="cbam",
+        block_option=("reduction=4", "kernel_size=5"),
+        seed=4,
+        epochs=3,
+        optimizer="sgd",
+        nesterov=True,
+        learning_rate=0.002,
+        tensorboard=True,
+        data_dir="/data",
+        num_processes=None,
+    )
+    run = tmp_path / "run"
+    run.mkdir()
+    Workdir(str(run)).write_config(recorded, RUN_DESCRIPTION)
+    assert set(json.loads((run / "config.json").read_text())) == {"config", *RUN_DESCRIPTION}
+    config, workdir, _ = cli.parse_args(["--config", str(run / "config.json"), "--workdir", "w"])
+    assert config == recorded and workdir == "w"
+    # Flags still override the file's values, and only theirs.
+    config, _, _ = cli.parse_args(
+        ["--config", str(run / "config.json"), "--seed", "5", "--block-option", "reduction=2"]
+    )
+    assert config == dataclasses.replace(recorded, seed=5, block_option=("reduction=2",))
+    # A flat file: JSON integers in float fields become floats, null where a field takes it, lists as tuples.
+    flat = tmp_path / "flat.json"
+    flat.write_text(
+        json.dumps(
+            {
+                "learning_rate": 1,
+                "momentum": 0,
+                "epochs": 2,
+                "distributed": False,
+                "coordinator_address": None,
+                "num_processes": 2,
+                "model_option": [],
+                "block": "none",
+                "xla_options": "default",
+            }
+        )
+    )
+    config, _, _ = cli.parse_args(["--config", str(flat)])
+    assert (config.learning_rate, config.momentum, config.epochs, config.num_processes) == (1.0, 0.0, 2, 2)
+    assert type(config.learning_rate) is float and type(config.momentum) is float
+    assert (config.block, config.xla_options, config.model_option, config.coordinator_address) == (
+        "none",
+        "default",
+        (),
+        None,
+    )

@@ -180,3 +180,59 @@ def test_two_processes_refuse_a_workdir_they_do_not_share(tmp_path):
         assert code == 2, err[-3000:]
         assert "is not shared by all processes: process(es) [1] cannot see" in err and "Traceback" not in err
     assert not (tmp_path / "host0" / "checkpoints").exists()
+
+
+# Faults injected into a real run (the real trainer, the real Orbax), by name, before its CLI starts.
+FAULTS = """
+import os, resource, signal, sys, time
+from orbax.checkpoint._src.path import atomicity
+from attnjax.train import checkpoint, cli, workdir
+
+fault = sys.argv.pop(1)
+if fault == "kill-after-the-first-metrics-line":
+    commit = atomicity.on_commit_callback
+
+    def held_commit(*args, **kwargs):
+        time.sleep(3)  # the asynchronous commit held open: the first epoch's window, made wide and certain
+        return commit(*args, **kwargs)
+
+    atomicity.on_commit_callback = held_commit
+    write_epoch = workdir.Workdir.write_epoch
+
+    def write_then_die(self, variables, record):
+        write_epoch(self, variables, record)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    workdir.Workdir.write_epoch = write_then_die
+elif fault == "disk-full-at-the-first-epoch-end":
+    save = checkpoint.Checkpoints.save
+
+    def save_on_a_full_disk(self, step, state, record, **kwargs):
+        if kwargs.get("test_accuracy") is not None:  # the epoch end's save; the disk stays full from here
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        return save(self, step, state, record, **kwargs)
+
+    checkpoint.Checkpoints.save = save_on_a_full_disk
+cli.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("fault", ["kill-after-the-first-metrics-line", "disk-full-at-the-first-epoch-end"])
+def test_a_run_stopped_before_its_first_checkpoint_commits_continues_with_the_same_command(tmp_path, fault):
+    options = ["--epochs", "2"]
+    code, _, err = finish(start(command(tmp_path / "reference", *options)))
+    assert code == 0, err
+    workdir = tmp_path / "run"
+    code, _, err = finish(start([sys.executable, "-c", FAULTS, fault, "--workdir", str(workdir), *options]))
+    if fault.startswith("kill"):
+        assert code == -signal.SIGKILL, err
+    else:
+        assert code == 4 and "Traceback" not in err, err
+        assert "File too large" in err and "rerun the same command to continue" in err
+    code, _, err = finish(start(command(workdir, *options)))  # the same command: it must keep its word
+    assert code == 0, err
+    assert metrics(workdir) == metrics(tmp_path / "reference")
+    assert (workdir / checkpoint.VARIABLES_FILE).read_bytes() == (
+        tmp_path / "reference" / checkpoint.VARIABLES_FILE
+    ).read_bytes()

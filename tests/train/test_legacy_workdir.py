@@ -5,6 +5,13 @@ README says how). Continuing a copy with today's trainer must end exactly where 
 uninterrupted run of today's trainer ends (every leaf of the state, every metrics line apart
 from timing), and its metrics must be those that the old trainer's uninterrupted run wrote.
 
+Bit for bit holds where this machine computes as the one that wrote the workdir did: its
+uninterrupted run's first epoch equals the old run's exactly. A CPU of another kind (AVX-512
+and AMX against AVX2, say) rounds XLA's kernels differently from the first step: measured on
+a Sapphire Rapids CPU, train loss 2.1268096 against the writer's 2.1268139. There the
+continuation must still be the old run's to 1e-6, and today's fresh run's to 1e-3 in loss
+(4e-5 measured) and 0.01 in accuracy (one training image of 1,408 measured).
+
 Both runs happen in one fresh process whose backend starts with the XLA flags the old run had
 (conftest's, without attnjax's XLA:CPU options): XLA's options change results in the last
 digits, and a test that ran ``cli.main`` in this process may have started its backend with them.
@@ -60,11 +67,18 @@ def test_a_workdir_of_the_old_trainer_continues_bit_identically(tmp_path):
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     resumed, fresh = result["resumed"], result["fresh"]
 
-    assert resumed["digest"] == fresh["digest"]
-    assert without_timing(resumed["history"]) == without_timing(fresh["history"])
+    old = expected["metrics"]
+    if without_timing(fresh["history"])[:1] == old[:1]:  # this machine computes as the writer did
+        assert resumed["digest"] == fresh["digest"]
+        assert without_timing(resumed["history"]) == without_timing(fresh["history"])
+    else:
+        for line, reference in zip(without_timing(resumed["history"]), without_timing(fresh["history"]), strict=True):
+            for key, value in reference.items():  # SGD at 0.05 amplifies the first steps' rounding
+                scale = reference["test_examples"] if key == "test_correct" else 1  # a count of examples
+                tolerance = {"atol": 0.01 * scale} if "accuracy" in key or key == "test_correct" else {"rtol": 1e-3}
+                np.testing.assert_allclose(line[key], value, err_msg=key, **tolerance)
     written = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert without_timing(written) == without_timing(resumed["history"])
-    old = expected["metrics"]
     assert [line["epoch"] for line in written] == [line["epoch"] for line in old] == [1, 2]
     for line, reference in zip(without_timing(written), old, strict=True):
         assert line.keys() == reference.keys()

@@ -1,6 +1,6 @@
 """Interrupted runs continue bit for bit: real signals, real Orbax checkpoints, the real training loop.
 
-An interruption is a real SIGTERM or SIGINT that the test sends to its own process at a
+An interruption is a real SIGTERM or SIGINT that the test raises in its own main thread at a
 chosen moment (``SignalAt``: after the N-th train step or evaluation batch), handled by
 the same :class:`attnjax.train.preemption.Preemption` that the CLI uses. The interrupted run
 saves and raises :class:`Interrupted`; calling ``train_and_evaluate`` again with the same
@@ -35,19 +35,33 @@ from attnjax.train import (
 
 pytestmark = pytest.mark.slow
 
-BASE = Config(epochs=2)
+# No checkpoints by wall-clock time (the default is every 10 minutes): which steps are saved,
+# and so which checkpoint a resume starts from, must not depend on how loaded the machine is.
+BASE = Config(epochs=2, checkpoint_every_minutes=0.0)
 
 
 class SignalAt(Preemption):
-    """The real preemption handler, plus a real signal sent to this process at tick ``at``."""
+    """The real preemption handler, plus a real signal raised in this process's main thread at tick ``at``.
+
+    ``signal.raise_signal`` targets the calling thread and runs the Python handler before it
+    returns, so the flag is set when :meth:`requested` reads it: the run stops at tick ``at``
+    exactly. A signal from outside the test (before ``at``) fails the test naming it, rather
+    than passing for an interruption at the wrong step.
+    """
 
     def __init__(self, at: int, signum: int = signal.SIGTERM):
         super().__init__()
         self.at, self.signum = at, signum
 
     def requested(self, tick: int) -> bool:
+        if self.received is not None and tick <= self.at:
+            raise AssertionError(
+                f"{signal.Signals(self.received).name} reached the process by tick {tick}, before the test raised "
+                f"its own at tick {self.at}: it did not come from this test"
+            )
         if tick == self.at:
-            os.kill(os.getpid(), self.signum)
+            signal.raise_signal(self.signum)
+            assert self.received == self.signum, "the handler did not run before raise_signal returned"
         return super().requested(tick)
 
 
@@ -106,7 +120,7 @@ def test_pmap_on_8_devices_resumes_bit_for_bit(devices, tmp_path, tmp_path_facto
     if at == 12:  # evaluation interrupted: the epoch's training is kept, evaluation runs again
         assert (record["epoch"], record["batch"], record["step"]) == (1, 11, 11)
     else:
-        assert record["step"] == at - (3 if at > 14 else 0) and record["reason"] == "on SIGTERM"
+        assert (record["step"], record["reason"]) == (at - (3 if at > 14 else 0), "on SIGTERM")
     assert_same_state(state, want_state)
     assert metrics(tmp_path) == want_metrics
 

@@ -10,13 +10,15 @@ after its evaluation, with the test accuracy that ranks the best checkpoint.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import jax
 
 from attnjax.train.checkpoint import CheckpointError, Checkpoints
+from attnjax.train.config import other_options_message
 from attnjax.train.hooks import Cadence, Hook
-from attnjax.train.position import Position
+from attnjax.train.position import Position, record_inconsistency
 from attnjax.train.preemption import Interrupted, Preemption
 from attnjax.validate import InputError
 
@@ -29,7 +31,7 @@ def restore_position(recipe, checkpoints: Checkpoints, progress, workdir) -> tup
     run's ``metrics.jsonl`` is rewritten from the checkpoint's history.
     """
     try:
-        restored = checkpoints.restore(recipe.state)
+        restored = checkpoints.restore(recipe.state, check_record=functools.partial(check_run, recipe, workdir.path))
         if restored is None and workdir.has_metrics():
             raise InputError(
                 f"{workdir.metrics_path} already exists from an earlier run whose checkpoints are gone; attnjax does "
@@ -55,6 +57,12 @@ def restore_position(recipe, checkpoints: Checkpoints, progress, workdir) -> tup
         lost = f"; the interrupted run had reached step {reached}: {max(reached - record['step'], 0)} steps lost"
     if record["devices"] != recipe.num_devices:
         moved = f"; written on {record['devices']} devices, continuing on {recipe.num_devices} (equal to rounding)"
+    compiled = record["config"].get("xla_options", "tuned")  # a record from before the option: XLA_OPTIONS' default
+    if compiled != recipe.config.xla_options and jax.default_backend() == "cpu":
+        moved += (
+            f"; written with --xla-options {compiled}, continuing with {recipe.config.xla_options}: the trajectory "
+            "changes from here (equal to rounding, not bit for bit)"
+        )
     if position.epoch > recipe.config.epochs:
         workdir.say(f"attnjax: this run had already finished; its results are in {workdir.metrics_path}", flush=True)
     else:
@@ -66,6 +74,40 @@ def restore_position(recipe, checkpoints: Checkpoints, progress, workdir) -> tup
         )
     workdir.write_history(position.history)
     return state, position
+
+
+# What a resume compares between the run's dataset (as its checkpoint recorded it) and this command's.
+DATASET_FACTS = ("train_examples", "test_examples", "num_classes", "image_shape", "mean", "std")
+
+
+def check_run(recipe, workdir: str, record: dict) -> str | None:
+    """Check a checkpoint's record against itself and against this command (``recipe``).
+
+    Returns why the record is damaged (its arithmetic does not hold), or ``None``; raises
+    :class:`InputError` when the record is sound but this command would not continue that run:
+    other options (the record holds the run's config, so this holds even without ``config.json``),
+    or a dataset that changed since (another size, classes, normalisation or steps per epoch).
+    """
+    problem = record_inconsistency(record)
+    if problem is not None:
+        return problem
+    diff = recipe.config.trajectory_diff(record["config"])
+    if diff:
+        raise InputError(other_options_message(workdir, diff))
+    saved = record.get("dataset") or {}  # a record from before datasets were recorded has steps per epoch only
+    now = recipe.dataset.describe()
+    changes = [
+        f"{k}: the run's {saved[k]!r}, now {now[k]!r}" for k in DATASET_FACTS if k in saved and saved[k] != now[k]
+    ]
+    if record["steps_per_epoch"] != recipe.steps_per_epoch:
+        changes.append(f"steps per epoch: the run's {record['steps_per_epoch']}, now {recipe.steps_per_epoch}")
+    if changes:
+        raise InputError(
+            f"the dataset {recipe.config.dataset} has changed since the run in {workdir} began ("
+            + "; ".join(changes)
+            + "), so continuing it would not reproduce it. Restore the dataset as it was, or pass a new --workdir."
+        )
+    return None
 
 
 class Checkpointing(Hook):
@@ -104,7 +146,16 @@ class Checkpointing(Hook):
         position.last_good = position.step
 
     def save_epoch(self, position: Position, state, test_accuracy: float) -> None:
-        self.save(position, state, "at the end of an epoch", test_accuracy=test_accuracy)
+        """Save an epoch's end; the caller writes its metrics line after this returns.
+
+        Without an earlier checkpoint (``last_good``: every earlier save has committed, as each
+        save waits for the one before) this save waits for its commit: otherwise a crash between
+        the metrics line and the commit would leave results with no checkpoint to continue from.
+        Later epochs need not wait: a rerun continues from the earlier checkpoint and rewrites
+        ``metrics.jsonl`` from its history.
+        """
+        first = position.last_good is None
+        self.save(position, state, "at the end of an epoch", test_accuracy=test_accuracy, wait=first)
 
     def stop_here(self, position: Position, state, where: str):
         """Save now, waiting for the commit, and raise :class:`Interrupted`."""
@@ -125,6 +176,12 @@ class Checkpointing(Hook):
             self.say(f"attnjax: {error}", file=sys.stderr, flush=True)
 
 
-def run_fields(config, num_devices: int, versions: dict) -> dict:
-    """What every checkpoint's record holds besides the position."""
-    return {"config": config.to_dict(), "versions": versions, "devices": num_devices, "processes": jax.process_count()}
+def run_fields(config, num_devices: int, versions: dict, dataset: dict) -> dict:
+    """What every checkpoint's record holds besides the position; ``dataset``: the dataset's ``describe()``."""
+    return {
+        "config": config.to_dict(),
+        "versions": versions,
+        "devices": num_devices,
+        "processes": jax.process_count(),
+        "dataset": dataset,
+    }
