@@ -6,6 +6,7 @@ import pytest
 from attnjax import data
 from attnjax.data import augment, pipeline
 from attnjax.data.dataset import ArraySource, Dataset
+from attnjax.validate import InputError
 
 
 def indexed_dataset(n_train=100, n_test=37):
@@ -144,3 +145,10 @@ def test_auto_augmentation_follows_the_dataset():
     assert data.resolve_augment("flip", ds) == "flip"
     with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
         data.resolve_augment("rotate", ds)
+
+
+def test_too_large_update_batch_advice_names_grad_accum():
+    with pytest.raises(InputError) as error:
+        data.pipeline.steps_per_epoch(1437, 128 * 20)
+    message = str(error.value)
+    assert "2560" in message and "1437" in message and "--grad-accum" in message and "--batch-size" in message

@@ -1,5 +1,5 @@
-"""Issue 19, item 8: accuracy intervals stay in [0, 100] %, one colour per block in both study figures (the
-front's is none of them), and a too-large update batch names --grad-accum in its advice.
+"""The study's report and figures: accuracy intervals stay in [0, 100] %, and each block has one colour in
+both figures (the Pareto front's is none of them).
 
 Fixed numbers only: no training, no study run.
 """
@@ -7,14 +7,10 @@ Fixed numbers only: no training, no study run.
 import math
 import re
 
-import jax
 import pytest
 from matplotlib.colors import to_rgba
 
-from attnjax import data
 from attnjax.compare import cost, plots, report, stats
-from attnjax.train import Config, train_and_evaluate
-from attnjax.validate import InputError
 
 NUMBER = re.compile(r"[-+]?\d+\.\d+")
 
@@ -145,23 +141,6 @@ def test_block_colours_are_distinct_and_never_the_fronts_for_a_large_study():
     rgba = [to_rgba(c) for c in mapping.values()]
     assert len(set(rgba)) == len(labels) and to_rgba(plots.FRONT_COLOUR) not in rgba
     assert to_rgba(mapping["none"]) == to_rgba("black")
-
-
-# --- an update batch larger than the training set names --grad-accum --------------------------------
-
-
-def test_too_large_update_batch_advice_names_grad_accum():
-    with pytest.raises(InputError) as error:
-        data.pipeline.steps_per_epoch(1437, 128 * 20)
-    message = str(error.value)
-    assert "2560" in message and "1437" in message and "--grad-accum" in message and "--batch-size" in message
-
-
-def test_grad_accum_20_on_digits_is_refused_with_grad_accum_in_the_advice(tmp_path):
-    """`python -m attnjax.train --epochs 1 --grad-accum 20`, in process: refused before any training."""
-    with pytest.raises(InputError, match=r"larger than the 1437 training examples") as error:
-        train_and_evaluate(Config(epochs=1, batch_size=128, grad_accum=20), str(tmp_path), devices=jax.devices()[:1])
-    assert "--grad-accum" in str(error.value) and "--batch-size" in str(error.value)
 
 
 def test_an_entry_without_a_finished_run_shifts_no_colour():
