@@ -6,9 +6,23 @@ a shape mistake surfaces at the module boundary instead of deep inside an XLA tr
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 
 class InputError(ValueError):
     """Bad input from the user; the message names the problem and the fix."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """``argparse`` whose refusal is one line, as attnjax's own refusals are (no 20-line usage above it).
+
+    The commands' parsers (train, compare, viz, blocks, block_cost) are of this class.
+    """
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def check_nhwc(x, who: str) -> None:

@@ -18,7 +18,6 @@ block's own resolution):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -32,7 +31,7 @@ from attnjax import data, train
 from attnjax.data.augment import normalize
 from attnjax.data.dataset import to_unit_range
 from attnjax.data.images import resize_center_crop
-from attnjax.validate import InputError
+from attnjax.validate import CommandLineParser, InputError
 
 OUTPUT_FILE = "attention.png"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")  # colour photographs inside scikit-image's wheel
@@ -231,7 +230,7 @@ def _figure_class():
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="python -m attnjax.viz", description="Draw a trained model's attention maps over real images."
     )
     parser.add_argument("--workdir", required=True, help="the folder of a run of python -m attnjax.train")

@@ -14,12 +14,13 @@ import argparse
 from collections.abc import Sequence
 
 from attnjax import blocks as registry
+from attnjax.validate import CommandLineParser
 
 COST_COMMAND = "python -m attnjax.compare.block_cost"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="python -m attnjax.blocks",
         description="List each attention block's options and their defaults (what --block-option sets in training).",
         epilog=f"The blocks' cost table (parameters, FLOPs, train-step time): {COST_COMMAND}",

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from attnjax import blocks, data, models, train
 from attnjax.compare import cost, plots, report
 from attnjax.train import Config, Interrupted, Preemption, checkpoint
+from attnjax.train.workdir import check_path_characters
 from attnjax.validate import InputError
 
 BASELINE = models.NO_BLOCK
@@ -331,13 +332,15 @@ def run_study(
     for entry in entries:
         train.check_config(run_config(base, entry, seeds[0]))
     plots.check_available()
+    check_path_characters(workdir)
     check_runs(base, entries, seeds, workdir)
-    write_study_file(workdir, base, entries, seeds, command)
+    # The dataset's refusals (a missing folder, a batch larger than the set) come before the study's first file.
     dataset = data.load(
         base.dataset, data_dir=base.data_dir, manual_dir=base.manual_dir, image_size=base.image_size or None
     )
-    costs = load_costs(workdir, base, entries, dataset, repeats, progress, say=say)
     steps_per_run = base.epochs * data.pipeline.steps_per_epoch(len(dataset.train), base.batch_size * base.grad_accum)
+    write_study_file(workdir, base, entries, seeds, command)
+    costs = load_costs(workdir, base, entries, dataset, repeats, progress, say=say)
     runs = [(entry, seed) for seed in seeds for entry in entries]  # seed by seed: a partial study is paired
     left = [(e, s) for e, s in runs if not is_finished(run_config(base, e, s), run_dir(workdir, e, s))]
     forecast = cost.study_seconds(costs, [e.label for e, _ in left], steps_per_run)

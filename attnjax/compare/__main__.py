@@ -14,13 +14,13 @@ from attnjax import compare as study
 from attnjax import models, xla_options
 from attnjax.train import Config, cli
 from attnjax.train.exits import EXIT_DIVERGED, exit_on_failure
-from attnjax.validate import InputError
+from attnjax.validate import CommandLineParser, InputError
 
 MULTI_HOST = ("distributed", "coordinator_address", "num_processes", "process_id")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="python -m attnjax.compare",
         description="Accuracy against cost for a set of attention blocks: every block trained with every seed under "
         "one recipe, cost measured on the host network, statistics over seeds, a Pareto plot.",

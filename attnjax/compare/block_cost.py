@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 from attnjax import blocks as registry
 from attnjax import xla_options
 from attnjax.compare import measure as measuring
-from attnjax.validate import InputError
+from attnjax.validate import CommandLineParser, InputError
 
 IDENTITY = "identity"
 
@@ -227,7 +227,7 @@ def format_table(costs: Sequence[Cost], markdown: bool = False) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="python -m attnjax.compare.block_cost",
         description="Parameters, XLA FLOPs and train-step time of every attention block, measured side by side.",
         epilog="python -m attnjax.blocks lists each block's options and defaults.",

@@ -19,7 +19,7 @@ from attnjax.train.config import Config, check_config_fields
 from attnjax.train.exits import exit_on_failure
 from attnjax.train.loop import train_and_evaluate
 from attnjax.train.recipe import CHOICES, check_config
-from attnjax.validate import InputError
+from attnjax.validate import CommandLineParser, InputError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -50,7 +50,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="python -m attnjax.train",
         description="Train an attention CNN and report test accuracy after every epoch.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

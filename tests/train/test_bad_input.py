@@ -107,3 +107,11 @@ def test_a_workdir_that_cannot_be_created_is_a_one_line_error(tmp_path, capsys, 
     assert code == exits.EXIT_BAD_INPUT
     assert f"error: --workdir {workdir} cannot be created or written" in err and "pass a folder you can write to" in err
     assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("options", [["--block", "nosuch"], ["--epochs", "two"], ["--no-such-option"]])
+def test_an_option_argparse_refuses_is_one_line_pointing_to_help(tmp_path, capsys, options):
+    code, err = run_cli([*options, "--workdir", str(tmp_path / "run")], capsys)
+    assert code == exits.EXIT_BAD_INPUT and len(err.strip().splitlines()) == 1
+    assert err.startswith("python -m attnjax.train: error: ") and err.strip().endswith("--help)")
+    assert not (tmp_path / "run").exists()
