@@ -107,7 +107,7 @@ def load_run(workdir: str):
     try:
         with open(path) as f:
             run = json.load(f)
-        config, described = train.Config.from_dict(run["config"]), run["dataset"]
+        config, described = train.Config.from_dict(train.recorded_config(run)), run["dataset"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
         raise InputError(
             f"{path} is not a readable run record ({type(error).__name__}: {error}); "
@@ -215,7 +215,7 @@ def _draw(figure_class, images: np.ndarray, maps: Sequence[Map], titles, predict
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    config = run["config"]
+    config = train.recorded_config(run)
     fig.suptitle(f"{config['model']} + {config['block']} on {config['dataset']}", fontsize=9)
     return fig
 

@@ -188,8 +188,8 @@ def main(argv=None) -> None:
             args.repeats,
         ),
         (
-            "resnet18 + seed, 32x32x3",
-            Config(model="resnet18"),
+            "cifar_resnet18 + seed, 32x32x3",
+            Config(model="cifar_resnet18"),
             (32, 32, 3),
             390,
             args.resnet_window,
@@ -214,9 +214,9 @@ def main(argv=None) -> None:
         seconds, line = start_to_first_resumed_step(fm, Path(tmp) / "fm-run", stop_at=50)
         print(f"attention_net, Fashion-MNIST: start to first resumed step {seconds:.1f} s\n  {line}")
         folder = random_folder(Path(tmp) / "images")
-        rn = ["--dataset", folder, "--model", "resnet18", "--epochs", "1", "--batch-size", "32"]
+        rn = ["--dataset", folder, "--model", "cifar_resnet18", "--epochs", "1", "--batch-size", "32"]
         seconds, line = start_to_first_resumed_step(rn, Path(tmp) / "rn-run", stop_at=2)
-        print(f"resnet18, 32x32x3 folder: start to first resumed step {seconds:.1f} s\n  {line}")
+        print(f"cifar_resnet18, 32x32x3 folder: start to first resumed step {seconds:.1f} s\n  {line}")
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ def test_viz_draws_a_run_trained_with_a_block_option_that_changes_the_shapes(tmp
 
 def test_viz_draws_a_run_trained_with_a_model_option(tmp_path):
     config = Config(
-        model="resnet18", model_option=("stem=imagenet", "stage_sizes=1"), block="se", epochs=1, batch_size=64
+        model="cifar_resnet18", model_option=("stem=imagenet", "stage_sizes=1"), block="se", epochs=1, batch_size=64
     )
     train_and_evaluate(config, str(tmp_path), devices=jax.local_devices()[:1])
     maps = drawn_equals_sown(tmp_path, config)

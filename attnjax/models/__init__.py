@@ -2,7 +2,7 @@
 
     from attnjax import models
     net = models.create("attention_net", num_classes=10, block="seed")
-    net = models.create("resnet18", num_classes=10, block="se", stem="imagenet")
+    net = models.create("cifar_resnet18", num_classes=10, block="se", stem="imagenet")
 
 Every model maps NHWC images to logits and is called as ``model.apply(variables, x, train=...)``.
 """
@@ -17,14 +17,19 @@ import flax.linen as nn
 
 from attnjax import blocks
 from attnjax.models.attention_net import AttentionNet
-from attnjax.models.resnet import BasicBlock, ResNet, ResNet18, ResNet34
+from attnjax.models.cifar_resnet import CifarBasicBlock, CifarResNet, CifarResNet18, CifarResNet34
 from attnjax.validate import InputError
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "attention_net": AttentionNet,
-    "resnet18": ResNet18,
-    "resnet34": ResNet34,
+    "cifar_resnet18": CifarResNet18,
+    "cifar_resnet34": CifarResNet34,
 }
+
+# Names that runs recorded before timm's networks were registered under them (config.json and
+# checkpoints without a "registry" version): what they mean now.
+RENAMED = {"resnet18": "cifar_resnet18", "resnet34": "cifar_resnet34"}
+REGISTRY_VERSION = 2  # recorded with every run's config; 1 (absent) means the names before RENAMED
 
 NO_BLOCK = "none"  # the name that selects the baseline without attention
 
@@ -98,12 +103,14 @@ def parse_model_options(name: str, pairs) -> dict:
 
 
 __all__ = [
-    "AttentionNet",
-    "BasicBlock",
     "NO_BLOCK",
-    "ResNet",
-    "ResNet18",
-    "ResNet34",
+    "REGISTRY_VERSION",
+    "RENAMED",
+    "AttentionNet",
+    "CifarBasicBlock",
+    "CifarResNet",
+    "CifarResNet18",
+    "CifarResNet34",
     "block_names",
     "check_model_options",
     "create",

@@ -22,7 +22,7 @@ The library (``attnjax.blocks``, ``models``, ``layers``, ``ops``, ``data``) neve
 
 from attnjax.train import checkpoint, optim, parallel, precision, preemption
 from attnjax.train.checkpoint import CheckpointError, Checkpoints
-from attnjax.train.config import TRAJECTORY_FIELDS, Config
+from attnjax.train.config import TRAJECTORY_FIELDS, Config, recorded_config
 from attnjax.train.hooks.nan_guard import TrainingDiverged
 from attnjax.train.hooks.progress import format_duration, run_eta
 from attnjax.train.loop import evaluate, train_and_evaluate
@@ -78,6 +78,7 @@ __all__ = [
     "precision",
     "preemption",
     "read_config",
+    "recorded_config",
     "run_eta",
     "split_microbatches",
     "train_and_evaluate",

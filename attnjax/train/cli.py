@@ -15,7 +15,7 @@ import jax
 
 from attnjax import data, xla_options
 from attnjax.train import parallel
-from attnjax.train.config import Config, check_config_fields
+from attnjax.train.config import Config, check_config_fields, recorded_config
 from attnjax.train.exits import exit_on_failure
 from attnjax.train.loop import train_and_evaluate
 from attnjax.train.recipe import CHOICES, check_config
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The keys a run's config.json holds beside "config" (Workdir.write_config: Recipe.run_description).
 # Three of them share an option's name; in a run's file they are what the run resolved, not options.
-RUN_KEYS = ("augment", "devices", "processes", "jax", "dataset", "xla_options", "formulations")
+RUN_KEYS = ("registry", "augment", "devices", "processes", "jax", "dataset", "xla_options", "formulations")
 
 
 def load_config_file(path: str) -> dict:
@@ -111,7 +111,7 @@ def load_config_file(path: str) -> dict:
                 f'--config {path} has both a "config" object (a run\'s options) and option(s) {", ".join(beside)} '
                 "beside it; give either a run's config.json or one flat object of options"
             )
-        fields = data["config"]
+        fields = recorded_config(data)  # a run's config.json: in today's model names
     return check_config_fields(fields, f"--config {path}")
 
 

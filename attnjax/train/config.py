@@ -6,6 +6,7 @@ import json
 import types
 import typing
 
+from attnjax import models
 from attnjax.validate import InputError
 
 
@@ -31,7 +32,7 @@ class Config:
         "--block-option kernel_size=5 (python -m attnjax.blocks --options lists them)",
     )
     model_option: tuple = _option(
-        (), "an option of the model as KEY=VALUE, repeatable: --model resnet18 --model-option stem=imagenet"
+        (), "an option of the model as KEY=VALUE, repeatable: --model cifar_resnet18 --model-option stem=imagenet"
     )
     epochs: int = _option(12, "passes over the training set")
     batch_size: int = _option(128, "global batch size, split evenly over all local devices")
@@ -125,11 +126,33 @@ class Config:
             name: tuple(value) if isinstance(value, list) else value
             for name, value in ((name, other.get(name, defaults[name])) for name in TRAJECTORY_FIELDS)
         }
-        return [
-            f"--{name.replace('_', '-')}: the run has {saved[name]!r}, this command {getattr(self, name)!r}"
-            for name in TRAJECTORY_FIELDS
-            if saved[name] != getattr(self, name)
-        ]
+        lines = []
+        for name in TRAJECTORY_FIELDS:
+            if saved[name] != getattr(self, name):
+                line = f"--{name.replace('_', '-')}: the run has {saved[name]!r}, this command {getattr(self, name)!r}"
+                renamed_from = {new: old for old, new in models.RENAMED.items()}.get(saved[name])
+                if name == "model" and renamed_from == self.model:
+                    line += f" (the run's {renamed_from!r} is now named {saved[name]!r}; {self.model!r} is timm's network)"
+                lines.append(line)
+        return lines
+
+
+# Beside a recorded config (config.json, a checkpoint's record): the version of the model names it
+# uses. Absent in runs recorded before timm's networks took the names in models.RENAMED.
+REGISTRY_KEY = "registry"
+
+
+def recorded_config(run: dict) -> dict:
+    """The ``config`` of a run's record (``config.json`` or a checkpoint's record), in today's model names.
+
+    A record without ``REGISTRY_KEY`` predates the rename of attnjax's CIFAR ResNets
+    (``resnet18`` is now ``cifar_resnet18``, see :data:`attnjax.models.RENAMED`): its names are
+    translated, so such a run resumes, is drawn and is compared as the network it trained.
+    """
+    config = dict(run["config"])
+    if run.get(REGISTRY_KEY, 1) < models.REGISTRY_VERSION and config.get("model") in models.RENAMED:
+        config["model"] = models.RENAMED[config["model"]]
+    return config
 
 
 def _json_kind(value) -> str:

@@ -23,8 +23,9 @@ from importlib import metadata
 import jax
 import numpy as np
 
+from attnjax import models
 from attnjax.train import checkpoint
-from attnjax.train.config import Config, other_options_message
+from attnjax.train.config import REGISTRY_KEY, Config, other_options_message, recorded_config
 from attnjax.train.hooks import Hook
 from attnjax.validate import InputError
 
@@ -52,7 +53,7 @@ def read_config(workdir: str) -> dict | None:
         return None
     try:
         with open(path) as f:
-            return json.load(f)["config"]
+            return recorded_config(json.load(f))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(f"{path} cannot be read ({error}); restore it, or pass a new --workdir") from None
 
@@ -278,7 +279,7 @@ class Workdir:
     def write_config(self, config: Config, run: dict) -> None:
         """``config.json``; left as it is when it already says the same (a finished run rerun changes no file)."""
         if self.leader:
-            text = json.dumps({"config": config.to_dict(), **run}, indent=2)
+            text = json.dumps({"config": config.to_dict(), REGISTRY_KEY: models.REGISTRY_VERSION, **run}, indent=2)
             path = os.path.join(self.path, CONFIG_FILE)
             try:
                 with open(path) as f:

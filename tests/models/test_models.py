@@ -95,7 +95,7 @@ def test_max_pool_2x2_equals_flax_max_pool(shape, window):
 
 def test_block_options_reach_every_site_and_the_hosts_dtype_reaches_the_block():
     x = jnp.ones((2, 8, 8, 3))
-    net = models.create("resnet18", num_classes=10, block="se", block_options={"reduction": 4})
+    net = models.create("cifar_resnet18", num_classes=10, block="se", block_options={"reduction": 4})
     params = net.init(jax.random.key(0), x)["params"]
     hidden = {p["block"]["reduce"]["kernel"].shape[-1] for n, p in params.items() if n.startswith("layer")}
     assert hidden == {64 // 4, 128 // 4, 256 // 4, 512 // 4}  # one block per residual block, each with the option
@@ -108,8 +108,8 @@ def test_block_options_reach_every_site_and_the_hosts_dtype_reaches_the_block():
 def test_unknown_or_badly_typed_options_name_the_valid_ones():
     with pytest.raises(ValueError, match=r"'cbam' has no option reduce; its options: reduction=16, kernel_size=7"):
         models.create("attention_net", num_classes=10, block="cbam", block_options={"reduce": 8})
-    with pytest.raises(ValueError, match=r"model 'resnet18' has no option stems; its options: .*stem='cifar'"):
-        models.create("resnet18", num_classes=10, stems="imagenet")
+    with pytest.raises(ValueError, match=r"model 'cifar_resnet18' has no option stems; its options: .*stem='cifar'"):
+        models.create("cifar_resnet18", num_classes=10, stems="imagenet")
     with pytest.raises(ValueError, match=r"kernel_size: 'big' is not an integer"):
         blocks.parse_options("cbam", ["kernel_size=big"])
     with pytest.raises(ValueError, match=r"not key=value"):

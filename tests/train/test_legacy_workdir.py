@@ -15,6 +15,9 @@ continuation must still be the old run's to 1e-6, and today's fresh run's to 1e-
 Both runs happen in one fresh process whose backend starts with the XLA flags the old run had
 (conftest's, without attnjax's XLA:CPU options): XLA's options change results in the last
 digits, and a test that ran ``cli.main`` in this process may have started its backend with them.
+
+The workdir also predates the rename of ``resnet18`` to ``cifar_resnet18`` (its records carry no
+registry version): it continues as ``cifar_resnet18``.
 """
 
 import json
@@ -35,10 +38,10 @@ LEGACY = Path(__file__).parent / "legacy_workdir"
 SCRIPT = """
 import json, sys
 import jax
-from attnjax.train import Config, checkpoint, train_and_evaluate
+from attnjax.train import Config, checkpoint, recorded_config, train_and_evaluate
 
 expected, legacy, fresh = sys.argv[1:]
-config = Config.from_dict(json.load(open(expected))["config"])
+config = Config.from_dict(recorded_config(json.load(open(expected))))  # "resnet18" then: cifar_resnet18 now
 out = {}
 for name, workdir in (("resumed", legacy), ("fresh", fresh)):
     state, history = train_and_evaluate(config, workdir, devices=jax.devices()[:1])

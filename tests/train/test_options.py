@@ -13,7 +13,7 @@ from attnjax.validate import InputError
 
 def test_block_and_model_options_reach_the_model():
     config, _, _ = parse_args(
-        ["--model", "resnet18", "--block", "cbam", "--block-option", "kernel_size=5", "--block-option",
+        ["--model", "cifar_resnet18", "--block", "cbam", "--block-option", "kernel_size=5", "--block-option",
          "reduction=8", "--model-option", "stem=imagenet", "--model-option", "zero_init_residual=true",
          "--workdir", "unused"]
     )  # fmt: skip
@@ -41,8 +41,8 @@ def test_options_survive_config_json_and_count_for_resuming():
         (["--block", "cbam", "--block-option", "kernel_size=big"], "kernel_size: 'big' is not an integer"),
         (["--block", "none", "--block-option", "reduction=8"], "--block none has no options"),
         (
-            ["--model", "resnet18", "--model-option", "depth=50"],
-            "'resnet18' has no option 'depth'; its options: stage_sizes=.*stem='cifar'",
+            ["--model", "cifar_resnet18", "--model-option", "depth=50"],
+            "'cifar_resnet18' has no option 'depth'; its options: stage_sizes=.*stem='cifar'",
         ),
         (["--block", "se", "--block-option", "reduction"], "'reduction' is not key=value"),
     ],

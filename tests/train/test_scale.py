@@ -104,7 +104,7 @@ def test_bfloat16_training_ends_within_a_point_of_float32(tmp_path):
     assert abs(results["bfloat16"] - results["float32"]) <= 0.01
 
 
-@pytest.mark.parametrize("model", ["attention_net", "resnet18"])
+@pytest.mark.parametrize("model", ["attention_net", "cifar_resnet18"])
 def test_bfloat16_computes_in_bfloat16(model):
     net = create_model(Config(model=model, block="cbam", dtype="bfloat16"), num_classes=10)
     state = create_train_state(jax.random.key(0), net, (8, 8, 1), 1e-3)

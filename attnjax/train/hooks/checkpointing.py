@@ -15,8 +15,9 @@ import sys
 
 import jax
 
+from attnjax import models
 from attnjax.train.checkpoint import CheckpointError, Checkpoints
-from attnjax.train.config import other_options_message
+from attnjax.train.config import REGISTRY_KEY, other_options_message, recorded_config
 from attnjax.train.hooks import Cadence, Hook
 from attnjax.train.position import Position, record_inconsistency
 from attnjax.train.preemption import Interrupted, Preemption
@@ -57,7 +58,7 @@ def restore_position(recipe, checkpoints: Checkpoints, progress, workdir) -> tup
         lost = f"; the interrupted run had reached step {reached}: {max(reached - record['step'], 0)} steps lost"
     if record["devices"] != recipe.num_devices:
         moved = f"; written on {record['devices']} devices, continuing on {recipe.num_devices} (equal to rounding)"
-    compiled = record["config"].get("xla_options", "tuned")  # a record from before the option: XLA_OPTIONS' default
+    compiled = recorded_config(record).get("xla_options", "tuned")  # a record from before the option: XLA_OPTIONS' default
     if compiled != recipe.config.xla_options and jax.default_backend() == "cpu":
         moved += (
             f"; written with --xla-options {compiled}, continuing with {recipe.config.xla_options}: the trajectory "
@@ -91,7 +92,7 @@ def check_run(recipe, workdir: str, record: dict) -> str | None:
     problem = record_inconsistency(record)
     if problem is not None:
         return problem
-    diff = recipe.config.trajectory_diff(record["config"])
+    diff = recipe.config.trajectory_diff(recorded_config(record))
     if diff:
         raise InputError(other_options_message(workdir, diff))
     saved = record.get("dataset") or {}  # a record from before datasets were recorded has steps per epoch only
@@ -180,6 +181,7 @@ def run_fields(config, num_devices: int, versions: dict, dataset: dict) -> dict:
     """What every checkpoint's record holds besides the position; ``dataset``: the dataset's ``describe()``."""
     return {
         "config": config.to_dict(),
+        REGISTRY_KEY: models.REGISTRY_VERSION,
         "versions": versions,
         "devices": num_devices,
         "processes": jax.process_count(),

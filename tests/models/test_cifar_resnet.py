@@ -14,11 +14,11 @@ import pytest
 
 from attnjax import blocks, data, models
 from attnjax.blocks import SeedAttention
-from attnjax.models import BasicBlock, ResNet, ResNet18, ResNet34
+from attnjax.models import CifarBasicBlock, CifarResNet, CifarResNet18, CifarResNet34
 from attnjax.train import create_train_state, parallel, train_step
 from attnjax.train.cli import parse_args
 
-STAGES = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+STAGES = {"cifar_resnet18": (2, 2, 2, 2), "cifar_resnet34": (3, 4, 6, 3)}
 
 
 class Scale(nn.Module):
@@ -45,7 +45,7 @@ def count(tree):
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet34"])
+@pytest.mark.parametrize("name", ["cifar_resnet18", "cifar_resnet34"])
 @pytest.mark.parametrize(
     "image_shape, stem, stage_sizes",
     [
@@ -79,7 +79,7 @@ def test_logits_and_feature_map_shapes(name, image_shape, stem, stage_sizes):
 
 
 @pytest.mark.parametrize("image_shape", [(8, 8, 1), (32, 32, 3), (28, 28, 1)])
-@pytest.mark.parametrize("name", ["resnet18", "resnet34"])
+@pytest.mark.parametrize("name", ["cifar_resnet18", "cifar_resnet34"])
 def test_baseline_shapes_and_no_block_parameters(name, image_shape):
     variables, x = init_shapes(models.create(name, num_classes=10, block="none"), image_shape)
     logits = jax.eval_shape(lambda v, x: models.create(name, num_classes=10).apply(v, x), variables, x)
@@ -90,7 +90,7 @@ def test_baseline_shapes_and_no_block_parameters(name, image_shape):
 
 
 @pytest.mark.parametrize("block", ["se", "cbam", "seed"])
-@pytest.mark.parametrize("name", ["resnet18", "resnet34"])
+@pytest.mark.parametrize("name", ["cifar_resnet18", "cifar_resnet34"])
 def test_each_residual_block_has_its_own_attention_parameters(name, block):
     with_block, _ = init_shapes(models.create(name, num_classes=10, block=block), (8, 8, 1))
     without, _ = init_shapes(models.create(name, num_classes=10, block="none"), (8, 8, 1))
@@ -110,14 +110,14 @@ def test_each_residual_block_has_its_own_attention_parameters(name, block):
 
 
 def test_models_create_passes_the_block_and_options():
-    net = models.create("resnet18", num_classes=10, block="cbam")
-    assert isinstance(net, ResNet18) and net.block.func is blocks.CBAM  # a factory: one block per residual block
+    net = models.create("cifar_resnet18", num_classes=10, block="cbam")
+    assert isinstance(net, CifarResNet18) and net.block.func is blocks.CBAM  # a factory: one block per residual block
     assert net.stem == "cifar" and not net.zero_init_residual
-    net = models.create("resnet34", num_classes=5, stem="imagenet", zero_init_residual=True)
-    assert isinstance(net, ResNet34) and net.block is None and net.stem == "imagenet" and net.zero_init_residual
-    assert {"resnet18", "resnet34"} <= set(models.names())
-    config, _, _ = parse_args(["--model", "resnet34", "--block", "none", "--workdir", "unused"])
-    assert config.model == "resnet34"
+    net = models.create("cifar_resnet34", num_classes=5, stem="imagenet", zero_init_residual=True)
+    assert isinstance(net, CifarResNet34) and net.block is None and net.stem == "imagenet" and net.zero_init_residual
+    assert {"cifar_resnet18", "cifar_resnet34"} <= set(models.names())
+    config, _, _ = parse_args(["--model", "cifar_resnet34", "--block", "none", "--workdir", "unused"])
+    assert config.model == "cifar_resnet34"
 
 
 def jit_init(net, image_shape, batch=4):
@@ -126,17 +126,17 @@ def jit_init(net, image_shape, batch=4):
 
 
 def test_zeroing_block_leaves_relu_of_the_shortcut():
-    identity = BasicBlock(16, block=Scale(0.0))
+    identity = CifarBasicBlock(16, block=Scale(0.0))
     variables, x = jit_init(identity, (4, 4, 16))
     np.testing.assert_array_equal(identity.apply(variables, x, train=True, mutable=["batch_stats"])[0], nn.relu(x))
 
     # With a projection shortcut the output is relu(bn(conv1x1(x))): the baseline with bn2 silenced.
-    down = BasicBlock(32, strides=2, block=Scale(0.0))
+    down = CifarBasicBlock(32, strides=2, block=Scale(0.0))
     variables, x = jit_init(down, (4, 4, 16))
     silenced = jax.tree_util.tree_map_with_path(
         lambda p, v: v * 0 if "bn2" in jax.tree_util.keystr(p) else v, variables["params"]
     )
-    want = BasicBlock(32, strides=2).apply({**variables, "params": silenced}, x, train=True, mutable=["batch_stats"])[0]
+    want = CifarBasicBlock(32, strides=2).apply({**variables, "params": silenced}, x, train=True, mutable=["batch_stats"])[0]
     got = down.apply(variables, x, train=True, mutable=["batch_stats"])[0]
     np.testing.assert_array_equal(got, want)
     assert np.all(got >= 0) and np.any(got > 0)
@@ -147,7 +147,7 @@ def test_block_acts_after_the_second_batch_norm_and_before_the_residual_add(fact
     # y = block(bn2(z)) = factor * bn2(z), so the attention ResNet equals the baseline with bn2's scale
     # and offset multiplied by factor. In training mode batch norm would undo a factor applied before
     # it, and a factor after the residual add or the ReLU would also scale the shortcut.
-    net = ResNet(num_classes=10, block=Scale(factor), stage_sizes=(1, 2))
+    net = CifarResNet(num_classes=10, block=Scale(factor), stage_sizes=(1, 2))
     variables, x = jit_init(net, (8, 8, 1), batch=8)
     keys = iter(jax.random.split(jax.random.key(2), 100))
     bn2 = {}
@@ -168,13 +168,13 @@ def test_block_acts_after_the_second_batch_norm_and_before_the_residual_add(fact
         lambda n, p: n.apply({**variables, "params": p}, x, train=True, mutable=["batch_stats"])[0], static_argnums=0
     )
     got = apply(net, params)
-    want = apply(ResNet(num_classes=10, stage_sizes=(1, 2)), scaled)
+    want = apply(CifarResNet(num_classes=10, stage_sizes=(1, 2)), scaled)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    assert not np.allclose(got, apply(ResNet(num_classes=10, stage_sizes=(1, 2)), params), atol=1e-3)
+    assert not np.allclose(got, apply(CifarResNet(num_classes=10, stage_sizes=(1, 2)), params), atol=1e-3)
 
 
 def test_zero_init_residual_starts_each_residual_block_as_the_identity():
-    variables, _ = jit_init(ResNet(stage_sizes=(2,), zero_init_residual=True), (8, 8, 1))
+    variables, _ = jit_init(CifarResNet(stage_sizes=(2,), zero_init_residual=True), (8, 8, 1))
     for layer in ("layer1_0", "layer1_1"):
         np.testing.assert_array_equal(variables["params"][layer]["bn2"]["scale"], 0)
         np.testing.assert_array_equal(variables["params"][layer]["bn1"]["scale"], 1)
@@ -182,7 +182,7 @@ def test_zero_init_residual_starts_each_residual_block_as_the_identity():
 
 
 def test_attention_resnet_trains_one_pmap_step_with_synchronised_batch_norm(devices):
-    net = ResNet(num_classes=10, block=blocks.create("coord"), stage_sizes=(1, 1))
+    net = CifarResNet(num_classes=10, block=blocks.create("coord"), stage_sizes=(1, 1))
     state = jax.jit(create_train_state, static_argnums=(1, 2, 3))(jax.random.key(0), net, (8, 8, 1), 1e-3)
     # Batch norm in the stem, in both residual blocks, in the projection shortcut and inside each coord block.
     assert any("block" in jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state.batch_stats))
@@ -217,14 +217,14 @@ def test_attention_resnet_trains_one_pmap_step_with_synchronised_batch_norm(devi
 
 @pytest.mark.parametrize("shape", [(8, 8, 3), (4, 1, 8, 8, 3), (4, 64)])
 def test_wrong_input_rank_is_a_clear_error(shape):
-    with pytest.raises(ValueError, match=r"ResNet18 expects images of shape \(batch, height, width, channels\)"):
-        jax.eval_shape(lambda x: ResNet18().init(jax.random.key(0), x), jnp.zeros(shape))
+    with pytest.raises(ValueError, match=r"CifarResNet18 expects images of shape \(batch, height, width, channels\)"):
+        jax.eval_shape(lambda x: CifarResNet18().init(jax.random.key(0), x), jnp.zeros(shape))
 
 
 def test_wrong_channel_count_for_a_trained_model_is_a_clear_error():
-    net = ResNet34(block=SeedAttention())
+    net = CifarResNet34(block=SeedAttention())
     variables, _ = init_shapes(net, (8, 8, 1))
-    with pytest.raises(ValueError, match=r"ResNet34 was built for 1-channel images but got 3 channels"):
+    with pytest.raises(ValueError, match=r"CifarResNet34 was built for 1-channel images but got 3 channels"):
         jax.eval_shape(net.apply, variables, jnp.zeros((2, 8, 8, 3)))
 
 
@@ -238,4 +238,4 @@ def test_wrong_channel_count_for_a_trained_model_is_a_clear_error():
 )
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(ValueError, match=message):
-        init_shapes(ResNet(**options), (8, 8, 1))
+        init_shapes(CifarResNet(**options), (8, 8, 1))

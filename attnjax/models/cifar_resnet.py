@@ -1,10 +1,17 @@
-"""ResNet-18/34 (He et al. 2016) with an attention block in every residual block, as in SE-ResNet.
+"""attnjax's own ResNet-18/34 (He et al. 2016) for small images, an attention block in every residual block.
+
+Registered as ``cifar_resnet18`` and ``cifar_resnet34`` (named ``resnet18``/``resnet34`` before
+timm's networks took those names: runs recorded under the old names resume under the new ones,
+see :data:`attnjax.models.RENAMED`). Its default stem is CIFAR's; ``stem="imagenet"`` gives the
+paper's stem, and then the same parameter count as timm's ``resnet18``/``resnet34``, but this is
+not timm's network (its parameter names, its attention site after ``bn2`` for every block, no
+ResNet-D options): timm's are :mod:`attnjax.models.resnet`.
 
 Paper: Kaiming He, Xiangyu Zhang, Shaoqing Ren and Jian Sun (2016), "Deep Residual Learning
 for Image Recognition", CVPR. Placement of the block: Jie Hu, Li Shen and Gang Sun (2018),
 "Squeeze-and-Excitation Networks", CVPR (Fig. 3, SE-ResNet module).
 
-Each residual block (BasicBlock) computes::
+Each residual block (CifarBasicBlock) computes::
 
     y = relu(bn1(conv3x3(x, stride)))
     y = bn2(conv3x3(y))
@@ -17,8 +24,8 @@ dense layer to the logits.
 
 Options and choices:
 
-- ``stage_sizes``: residual blocks per stage, 1 to 4 stages (ResNet18/ResNet34 fix it; the plain
-  ``ResNet`` accepts e.g. ``(1, 1)`` for a small, quick network).
+- ``stage_sizes``: residual blocks per stage, 1 to 4 stages (CifarResNet18/CifarResNet34 fix it; the plain
+  ``CifarResNet`` accepts e.g. ``(1, 1)`` for a small, quick network).
 - ``stem="cifar"`` (default): a 3x3 stride-1 conv, no max pool, for small images (32x32 CIFAR,
   the 8x8 digits). ``stem="imagenet"``: the paper's 7x7 stride-2 conv and 3x3 stride-2 max pool.
 - ``zero_init_residual`` (default False, as torchvision): start each bn2 scale at 0, so every
@@ -50,7 +57,7 @@ WIDTHS = (64, 128, 256, 512)
 PAD_1 = ((1, 1), (1, 1))
 
 
-class BasicBlock(nn.Module):
+class CifarBasicBlock(nn.Module):
     """Two 3x3 convs with batch norm, the attention ``block`` after the second norm, then the residual add."""
 
     features: int
@@ -79,8 +86,8 @@ class BasicBlock(nn.Module):
         return nn.relu(y + shortcut)
 
 
-class ResNet(nn.Module):
-    """ResNet with BasicBlocks and a pluggable attention block in each (``None`` for the baseline).
+class CifarResNet(nn.Module):
+    """A ResNet with BasicBlocks and a pluggable attention block in each (``None`` for the baseline).
 
     Takes NHWC images with any number of channels and any size; returns logits of shape
     (batch, num_classes). ``train`` selects batch statistics in the batch norms (and the block's).
@@ -118,10 +125,10 @@ class ResNet(nn.Module):
             zip(self.stage_sizes, WIDTHS[: len(self.stage_sizes)], strict=True), start=1
         ):
             for index in range(size):
-                x = BasicBlock(
+                x = CifarBasicBlock(
                     width,
                     strides=2 if stage > 1 and index == 0 else 1,
-                    # Each BasicBlock builds its own block from the factory, with its own parameters; a
+                    # Each CifarBasicBlock builds its own block from the factory, with its own parameters; a
                     # built module is copied (unbound) for each, as passing it would share one set.
                     block=self.block.copy(parent=None) if isinstance(self.block, nn.Module) else self.block,
                     zero_init_residual=self.zero_init_residual,
@@ -135,13 +142,13 @@ class ResNet(nn.Module):
         return x.astype(jnp.promote_types(self.dtype, jnp.float32))  # the loss wants >= fp32 logits
 
 
-class ResNet18(ResNet):
+class CifarResNet18(CifarResNet):
     """ResNet-18: stages of [2, 2, 2, 2] BasicBlocks."""
 
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
 
 
-class ResNet34(ResNet):
+class CifarResNet34(CifarResNet):
     """ResNet-34: stages of [3, 4, 6, 3] BasicBlocks."""
 
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
