@@ -25,6 +25,7 @@ import flax.linen as nn
 
 from attnjax.blocks.axial import AxialAttention
 from attnjax.blocks.bam import BAM
+from attnjax.blocks.bat import BilinearAttentionalTransform
 from attnjax.blocks.bottleneck import BottleneckAttention
 from attnjax.blocks.cbam import CBAM
 from attnjax.blocks.ceca import CircularEfficientChannelAttention
@@ -33,6 +34,7 @@ from attnjax.blocks.criss_cross import CrissCrossAttention
 from attnjax.blocks.danet import DualAttention
 from attnjax.blocks.eca import EfficientChannelAttention
 from attnjax.blocks.ecam import EfficientChannelAttentionMLP
+from attnjax.blocks.ela import EfficientLocalAttention
 from attnjax.blocks.ese import EffectiveSqueezeExcitation
 from attnjax.blocks.external import ExternalAttention
 from attnjax.blocks.gc import GlobalContext
@@ -56,6 +58,7 @@ from attnjax.blocks.primitives import (
     spatial_softmax,
 )
 from attnjax.blocks.psa import PolarizedSelfAttention
+from attnjax.blocks.scoord import SimpleCoordinateAttention
 from attnjax.blocks.se import SqueezeExcitation
 from attnjax.blocks.seed import SeedAttention
 from attnjax.blocks.shuffle import ShuffleAttention
@@ -63,6 +66,7 @@ from attnjax.blocks.simam import SimAMAttention
 from attnjax.blocks.sk import SelectiveKernelAttention
 from attnjax.blocks.softmax import SoftmaxAttention, softmax_attention
 from attnjax.blocks.splat import SplitAttention
+from attnjax.blocks.strip import StripAttention
 from attnjax.blocks.triplet import TripletAttention
 from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError
@@ -92,6 +96,10 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "lambda": LambdaLayer,
     "bottleneck": BottleneckAttention,
     "halo": HaloAttention,
+    "scoord": SimpleCoordinateAttention,
+    "ela": EfficientLocalAttention,
+    "strip": StripAttention,
+    "bat": BilinearAttentionalTransform,
     # External-Attention's catalogue
     "external": ExternalAttention,
     "psa": PolarizedSelfAttention,
@@ -215,10 +223,11 @@ def create(name: str, /, **options) -> nn.Module:
 
 
 __all__ = [
-    "AxialAttention",
     "BAM",
-    "BottleneckAttention",
     "CBAM",
+    "AxialAttention",
+    "BilinearAttentionalTransform",
+    "BottleneckAttention",
     "CircularEfficientChannelAttention",
     "CoordinateAttention",
     "CrissCrossAttention",
@@ -226,6 +235,7 @@ __all__ = [
     "EffectiveSqueezeExcitation",
     "EfficientChannelAttention",
     "EfficientChannelAttentionMLP",
+    "EfficientLocalAttention",
     "ExternalAttention",
     "GatherExcite",
     "GlobalContext",
@@ -240,9 +250,11 @@ __all__ = [
     "SelectiveKernelAttention",
     "ShuffleAttention",
     "SimAMAttention",
+    "SimpleCoordinateAttention",
     "SoftmaxAttention",
     "SplitAttention",
     "SqueezeExcitation",
+    "StripAttention",
     "TripletAttention",
     "attention_pool",
     "build",

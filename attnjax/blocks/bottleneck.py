@@ -38,7 +38,16 @@ Choices and deviations:
   explicit count must divide C (:func:`attnjax.blocks.primitives.resolve_heads`).
 - q/k width: ``dim_head=None`` gives d = C / heads, the paper's equal widths for q, k and v.
   timm's default rounds the q/k width to a multiple of 8 (``make_divisible(C, 8) / heads``):
-  the same for every C divisible by 8, wider for other C. ``dim_head`` sets d directly, as in timm.
+  the same for every C divisible by 8, wider for other C (C = 20: d = 6 against 5). ``dim_head`` sets d
+  directly, as in timm.
+- timm's width rule on request: ``qk_ratio`` (timm's option; its default is 1.0) gives timm's q/k width
+  ``make_divisible(C * qk_ratio, 8) // heads`` (``dim_head``, if given, wins, as in timm), and timm's heads:
+  ``num_heads``, or ``max_heads`` (4, timm's default) when None, which must divide C; where timm asserts,
+  attnjax raises :class:`attnjax.validate.InputError` (:func:`attnjax.blocks.primitives.attention_widths`).
+  ``BottleneckAttention(qk_ratio=1.0)`` has the parameters of timm's ``BottleneckAttn(C, feat_size=(H, W))``
+  (``qkv``; ``height_rel``/``width_rel`` = ``pos_embed.height_rel``/``width_rel``) and its output. timm's
+  options ``qkv_bias``, ``scale_pos_embed``, ``num_heads``, ``dim_head`` and ``feat_size`` have timm's names and
+  meaning; ``dim_out`` and ``stride`` are not offered.
 - Scale (the paper is silent; timm decides): ``d^-1/2`` on the content logits only; the relative
   logits are added unscaled (timm's ``scale_pos_embed=False``). ``scale_pos_embed=True`` scales
   both, as timm's option does.
@@ -60,11 +69,10 @@ import jax.numpy as jnp
 
 from attnjax.blocks.primitives import (
     attention_logits,
-    head_widths,
+    attention_widths,
     relative_logits_2d,
     relative_table_size,
     relative_tables,
-    resolve_heads,
     scale_for,
     softmax_in_float32,
     timm_projection,
@@ -109,6 +117,7 @@ class BottleneckAttention(nn.Module):
     num_heads: int | None = None  # None: the largest divisor of C up to max_heads
     max_heads: int = 4
     dim_head: int | None = None  # q/k width per head; None: C / heads
+    qk_ratio: float | None = None  # timm's widths: q/k make_divisible(C * qk_ratio, 8) // heads, heads timm's
     feat_size: Any = None  # (H, W) or an int; None: the size of the input at init
     qkv_bias: bool = False
     scale_pos_embed: bool = False
@@ -130,8 +139,7 @@ class BottleneckAttention(nn.Module):
         who = type(self).__name__
         check_nhwc(x, who)
         n, h, w, c = x.shape
-        heads = resolve_heads(c, self.num_heads, self.max_heads, who)
-        d_qk, d_v = head_widths(c, heads, self.dim_head, who)
+        heads, d_qk, d_v = attention_widths(c, self.num_heads, self.max_heads, self.dim_head, self.qk_ratio, who)
         (bound_h, bound_w), source = self._bound_size(h, w)
         if (h, w) != (bound_h, bound_w):
             raise InputError(

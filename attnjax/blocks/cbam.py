@@ -60,7 +60,8 @@ class CBAM(nn.Module):
 
     NHWC in, same shape out; C is read from the input. Sows ``intermediates/channel`` (N, 1, 1, C)
     and ``intermediates/spatial`` (N, H, W, 1). The two pooling steps are the methods
-    :meth:`channel_logits` and :meth:`spatial_pool` (:class:`attnjax.blocks.lcbam.LightCBAM` replaces them).
+    :meth:`channel_logits` and :meth:`spatial_pool`, and the two gates' layers :meth:`channel_mlp` and
+    :meth:`spatial_logits` (:class:`attnjax.blocks.lcbam.LightCBAM` replaces them).
     """
 
     reduction: int = 16
@@ -77,16 +78,23 @@ class CBAM(nn.Module):
         """The spatial gate's input, ``[mean_c x; max_c x]`` (N, H, W, 2)."""
         return channel_pool(x)
 
+    def channel_mlp(self, channels: int):
+        """The channel gate's MLP C -> C/r -> C with a ReLU (layers ``reduce``, ``expand``; made when compact)."""
+        return excitation_mlp(channels, reduced_channels(channels, self.reduction), self.dtype)
+
+    def spatial_logits(self, pooled: jax.Array, kernel_size: int, train: bool) -> jax.Array:
+        """The spatial gate's logits: the k x k conv ``spatial_conv`` of the pooled map, (N, H, W, 1)."""
+        del train  # no batch norm (see the module docstring) or dropout
+        return spatial_conv(kernel_size, self.dtype)(pooled)
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        del train  # no batch norm (see the module docstring) or dropout
         who = type(self).__name__
         check_nhwc(x, who)
         k = odd_size(self.kernel_size, "kernel_size", who, self.kernel_size_note)
-        channels = x.shape[-1]
-        mlp = excitation_mlp(channels, reduced_channels(channels, self.reduction), self.dtype)
+        mlp = self.channel_mlp(x.shape[-1])
         x, channel_gate = sigmoid_gate(x, self.channel_logits(mlp, x))
-        x, spatial_gate = sigmoid_gate(x, spatial_conv(k, self.dtype)(self.spatial_pool(x)))
+        x, spatial_gate = sigmoid_gate(x, self.spatial_logits(self.spatial_pool(x), k, train))
         self.sow("intermediates", "channel", channel_gate)
         self.sow("intermediates", "spatial", spatial_gate)
         return x

@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import block_batch_norm, reduced_channels
+from attnjax.blocks.primitives import block_batch_norm, directional_pool, reduced_channels
 from attnjax.layers import BATCH_AXIS
 from attnjax.validate import check_nhwc
 
@@ -47,11 +47,6 @@ from attnjax.validate import check_nhwc
 def h_swish(x: jax.Array) -> jax.Array:
     """Hard swish: ``x * relu6(x + 3) / 6``."""
     return x * jnp.clip(x + 3, 0, 6) / 6
-
-
-def directional_pool(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``z_h[n, h, 0, c] = 1/W * sum_w x[n, h, w, c]`` and ``z_w[n, 0, w, c] = 1/H * sum_h x[n, h, w, c]``."""
-    return jnp.mean(x, axis=2, keepdims=True), jnp.mean(x, axis=1, keepdims=True)
 
 
 def stack_directions(z_h: jax.Array, z_w: jax.Array) -> jax.Array:

@@ -19,6 +19,24 @@ Sown map: ``intermediates/attention``, the channel gate ``s`` of shape (N, 1, 1,
 Deviations from the paper: none in the computation. ``kernel_size`` may be set to override the
 adaptive k. The kernel is initialised LeCun-normal with fan-in k (Flax's default for a convolution),
 not PyTorch's default.
+
+Naming and options, against timm 1.0.29 (``timm/layers/eca.py``, ``EcaModule``, which is
+``create_attn('eca', C)``, the block of timm's ``ecaresnet*``). The defaults are attnjax's; timm's options,
+under timm's names:
+
+- ``gamma`` is timm's ``gamma``; ``b`` is timm's ``beta``, which may be given under that name too
+  (``beta`` replaces ``b``; giving both, with ``b`` other than 1, is an error);
+- ``min_kernel_size``: the adaptive k is at least this (attnjax's default 1, the paper's rule; timm's
+  ``EcaModule`` floors it at 3, ``max(k, 3)``, which differs from the paper only for C < 8);
+- ``gate_layer``: ``sigmoid`` (default) or ``hard_sigmoid`` = relu6(t + 3) / 6;
+- ``kernel_size``: a fixed k instead of the adaptive one. timm's ``kernel_size`` is used only when timm is
+  given no channel count, which a host always gives; here it always wins when set.
+
+timm's ``use_mlp`` (with its ``rd_ratio``, ``rd_channels``, ``rd_divisor``, ``act_layer``) is the separate
+block ``ecam`` (:mod:`attnjax.blocks.ecam`); without it timm ignores ``act_layer``. The parameter ``kernel``
+(k,) is timm's ``conv.weight`` (1, 1, k). ``EfficientChannelAttention(min_kernel_size=3)`` is timm's default
+``EcaModule`` for every C; attnjax's default has the same k for C >= 8, so at every site of timm's
+ECA-ResNets.
 """
 
 from __future__ import annotations
@@ -31,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.primitives import global_avg_pool, odd_size, sigmoid_gate
+from attnjax.blocks.primitives import gate_function, global_avg_pool, odd_size
 from attnjax.validate import InputError, check_nhwc
 
 
@@ -49,10 +67,14 @@ def eca_kernel_size(channels: int, gamma: float = 2, b: float = 1) -> int:
     return t if t % 2 else t + 1
 
 
-def adaptive_kernel_size(kernel_size: int | None, channels: int, gamma: float, b: float, who: str) -> int:
-    """``kernel_size`` (a positive odd number), or for ``None`` the adaptive :func:`eca_kernel_size` of C."""
+def adaptive_kernel_size(
+    kernel_size: int | None, channels: int, gamma: float, b: float, who: str, min_kernel_size: int = 1
+) -> int:
+    """``kernel_size`` (a positive odd number), or for ``None`` the adaptive :func:`eca_kernel_size` of C, at
+    least ``min_kernel_size`` (an odd number: timm's ECA uses 3)."""
     if kernel_size is None:
-        return eca_kernel_size(channels, gamma, b)
+        floor = odd_size(min_kernel_size, "min_kernel_size", who, "timm's ECA uses 3")
+        return max(eca_kernel_size(channels, gamma, b), floor)
     return odd_size(kernel_size, "kernel_size", who, "or None for the adaptive size")
 
 
@@ -81,7 +103,20 @@ class EfficientChannelAttention(nn.Module):
     gamma: float = 2
     b: float = 1
     kernel_size: int | None = None  # None: the adaptive k of the paper
+    beta: float | None = None  # timm's name for b: replaces it when given
+    min_kernel_size: int = 1  # the adaptive k's floor (timm's EcaModule: 3)
+    gate_layer: str = "sigmoid"  # or "hard_sigmoid"
     dtype: Any = None
+
+    def offset(self, who: str) -> float:
+        """ECA's b: ``b``, or timm's ``beta`` when given (both, with ``b`` not its default 1, is an error)."""
+        if self.beta is None:
+            return self.b
+        if self.b != 1:
+            raise InputError(
+                f"{who}: b={self.b} and beta={self.beta} are the same option (timm calls b beta); give one"
+            )
+        return self.beta
 
     def channel_conv(self, z: jax.Array, kernel: jax.Array) -> jax.Array:
         """The 1-D conv across channels: :func:`channel_conv`, zero 'same' padding."""
@@ -92,10 +127,11 @@ class EfficientChannelAttention(nn.Module):
         del train  # no batch norm or dropout
         who = type(self).__name__
         check_nhwc(x, who)
-        k = adaptive_kernel_size(self.kernel_size, x.shape[-1], self.gamma, self.b, who)
+        k = adaptive_kernel_size(self.kernel_size, x.shape[-1], self.gamma, self.offset(who), who, self.min_kernel_size)
+        gate_fn = gate_function(self.gate_layer)
         # LeCun normal with fan-in k, as nn.Conv would initialise a 1-in, 1-out width-k kernel
         kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(), out_axis=()), (k,))
         z, kernel = promote_dtype(global_avg_pool(x), kernel, dtype=self.dtype)
-        y, gate = sigmoid_gate(x, self.channel_conv(z, kernel))
+        gate = gate_fn(self.channel_conv(z, kernel))
         self.sow("intermediates", "attention", gate)
-        return y
+        return x * gate  # as sigmoid_gate: the same promotion as before the timm options

@@ -42,7 +42,15 @@ Choices and deviations:
 - LayerNorm: epsilon 1e-5 (PyTorch's default, used by the official code; timm's ``LayerNorm2d`` uses
   1e-6) and the two-pass variance (:func:`attnjax.layers.layer_norm`), robust in float32.
 - Bottleneck width ``reduced_channels(C, r) = max(C // r, min(C, 8))`` with the paper's r = 16 (timm's
-  ``GlobalContext`` defaults to C/8), equal to the paper's C/r for C >= 128; the floor keeps small C working.
+  ``GlobalContext`` defaults to C/8: 16 against 32 at C = 256), equal to the paper's C/r for C >= 128; the
+  floor keeps small C working.
+
+timm's options: ``gc``'s (``rd_ratio``, ``rd_channels``, ``rd_divisor``, ``act_layer``, ``norm_eps``,
+``use_attn``; see :mod:`attnjax.blocks.gc`), and ``gate_layer``, the gate by timm's name: ``sigmoid`` (the
+default) or ``hard_sigmoid`` (relu6(t + 3) / 6). ``GlobalContextGate(rd_ratio=1/8, norm_eps=1e-6)`` has the
+parameters of timm's ``create_attn('gc')`` (``context`` = ``conv_attn``, ``reduce``/``norm``/``expand`` =
+``mlp_scale.fc1``/``norm``/``fc2``) and its output; timm's ``conv_attn.bias`` is left out (it cancels in the
+softmax).
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ from __future__ import annotations
 import jax
 
 from attnjax.blocks.gc import GlobalContext
-from attnjax.blocks.primitives import sigmoid_gate
+from attnjax.blocks.primitives import gate_function
 
 
 class GlobalContextGate(GlobalContext):
@@ -62,9 +70,11 @@ class GlobalContextGate(GlobalContext):
     """
 
     zero_init_last: bool = False
+    gate_layer: str = "sigmoid"  # or "hard_sigmoid", timm's names
 
     def fuse(self, x: jax.Array, t: jax.Array) -> jax.Array:
-        """Fusion by scaling: ``g = sigmoid(t)``, ``y = x * g``; sows ``g`` as ``intermediates/channel``."""
-        y, gate = sigmoid_gate(x, t)
+        """Fusion by scaling: ``g = sigmoid(t)`` (or ``gate_layer``), ``y = x * g``; sows ``g`` as
+        ``intermediates/channel``."""
+        gate = gate_function(self.gate_layer)(t)
         self.sow("intermediates", "channel", gate)
-        return y
+        return x * gate

@@ -47,16 +47,33 @@ Choices and deviations:
   padded positions not counted; a BN after every gather conv and a ReLU between them; the extent must be
   even (timm's assertion). With ``extra_params=True`` a finite extent must moreover be a power of two,
   since it sets the number of stride-2 convs (timm silently takes ``int(log2(e))`` convs for e = 6).
-- No biases on the gather convs (timm's have them): each is followed by a BN, which cancels a bias.
+- No biases on the gather convs (as timm's, ``create_conv2d``'s default): each is followed by a BN.
 - The global gather with parameters is the paper's: a depthwise conv without padding whose kernel is the
   map's size, giving one value per channel. timm builds that conv with 'same' padding ((k - 1) // 2), which
   gives an H x W output whose positions each see part of the map, not a global gather.
 - MLP width ``reduced_channels(C, r) = max(C // r, min(C, 8))`` as attnjax's SE, not timm's
-  ``max(1, round(C / 16))``; they agree for C >= 128 up to rounding (timm rounds, attnjax floors).
+  ``max(1, round(C / 16))`` (8 against 4 at C = 64); they agree for C >= 128 up to rounding (timm rounds,
+  attnjax floors). timm's rule is an option (below).
 - Nearest-neighbour indices are computed exactly in integers; PyTorch computes the scale in float32, which
   differs for rare sizes (for example H = 122 with e = 8: rounding moves one row).
-- timm's experimental ``add_maxpool`` and its ``act_layer``/``norm_layer``/``gate_layer`` choices are not
-  offered (ReLU, BN and sigmoid, timm's defaults).
+
+timm's options (``timm/layers/gather_excite.py``, ``create_attn('ge')`` is this block), under timm's names:
+
+- ``rd_ratio``, ``rd_channels``, ``rd_divisor``: timm's MLP width instead of ``reduction``'s (giving both is
+  an error): ``rd_channels`` if given, else C * ``rd_ratio`` (default timm's 1/16) rounded to the nearest
+  multiple of ``rd_divisor`` (default 1), at least one (:func:`attnjax.blocks.primitives.bottleneck_width`);
+- ``act_layer``: the MLP's activation and the one between the gather convs, by timm's name (``relu``,
+  default; :data:`attnjax.blocks.primitives.ACTIVATIONS`); ``gate_layer``: ``sigmoid`` (default) or
+  ``hard_sigmoid``;
+- ``add_maxpool``: timm's experimental gather ``0.5 avg + 0.5 max``: the global mean and max, or for a finite
+  extent the average pooling above and a max pooling over the same windows (window 2e - 1, stride e,
+  padding e - 1, padded positions never the max). Only for the parameter-free gather: with
+  ``extra_params=True`` timm silently ignores it, attnjax refuses it.
+
+timm's ``norm_layer`` is not offered (the gather's BNs are always there, timm's default). With
+``rd_divisor=1`` (or any timm option) the block has timm's parameters and output; timm 1.0.29's own
+``GatherExcite`` fails to build (it passes its ``device``/``dtype`` keys as positional arguments, ``*dd``),
+so the parity test (tests/blocks/test_ge.py) runs timm's code with that call bug bypassed.
 
 Batch-norm running variance: the running averages take in the biased batch variance (Flax's convention);
 PyTorch's ``BatchNorm2d`` takes in the unbiased one, n/(n-1) times larger, n being the values per
@@ -76,7 +93,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.primitives import block_batch_norm, excitation_mlp, global_avg_pool, reduced_channels, sigmoid_gate
+from attnjax.blocks.primitives import (
+    activation_function,
+    block_batch_norm,
+    bottleneck_width,
+    excitation_mlp,
+    gate_function,
+    global_avg_pool,
+    global_max_pool,
+)
 from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError, check_nhwc
 
@@ -122,6 +147,28 @@ def average_gather(x: jax.Array, extent: int) -> jax.Array:
     return sums / jnp.asarray(counts[None, :, :, None], x.dtype)
 
 
+def max_gather(x: jax.Array, extent: int) -> jax.Array:
+    """The max over :func:`average_gather`'s windows: the global max (``extent=0``), else max pooling with window
+    2e - 1, stride e and padding e - 1 (padding never the max). timm's experimental ``add_maxpool`` half."""
+    if extent == 0:
+        return global_max_pool(x)
+    window, pad = 2 * extent - 1, extent - 1
+    return jax.lax.reduce_window(
+        x,
+        np.array(-np.inf, x.dtype),  # the identity of max: JAX then uses its differentiable windowed max
+        jax.lax.max,
+        (1, window, window, 1),
+        (1, extent, extent, 1),
+        ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+    )
+
+
+def gather(x: jax.Array, extent: int, add_maxpool: bool = False) -> jax.Array:
+    """The parameter-free gather: :func:`average_gather`, or with ``add_maxpool`` timm's ``0.5 avg + 0.5 max``."""
+    g = average_gather(x, extent)
+    return 0.5 * g + 0.5 * max_gather(x, extent) if add_maxpool else g
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
     """Depthwise cross-correlation, zero padding, no bias: ``kernel`` (kh, kw, C) acts on each channel alone.
 
@@ -152,11 +199,13 @@ def nearest_resize(t: jax.Array, height: int, width: int) -> jax.Array:
     return t[:, rows][:, :, cols]
 
 
-def excite(x: jax.Array, t: jax.Array, global_extent: bool) -> tuple[jax.Array, jax.Array]:
-    """``s = sigmoid(interp(t))``, ``y = x * s``; a global (N, 1, 1, C) ``t`` broadcasts. Returns ``(y, s)``."""
+def excite(x: jax.Array, t: jax.Array, global_extent: bool, gate=jax.nn.sigmoid) -> tuple[jax.Array, jax.Array]:
+    """``s = sigmoid(interp(t))`` (or ``gate``), ``y = x * s``; a global (N, 1, 1, C) ``t`` broadcasts.
+    Returns ``(y, s)``."""
     if not global_extent:
         t = nearest_resize(t, x.shape[1], x.shape[2])
-    return sigmoid_gate(x, t)
+    s = gate(t)
+    return x * s, s
 
 
 class GatherExcite(nn.Module):
@@ -172,6 +221,12 @@ class GatherExcite(nn.Module):
     extra_params: bool = False  # depthwise convs (GE-θ) instead of average pooling (GE-θ-)
     use_mlp: bool = True  # 1x1 convs C -> C/r -> C on the gathered features (GE-θ+ with extra_params)
     reduction: int = 16
+    rd_ratio: float | None = None  # timm's width rule instead of reduction's: C * rd_ratio (timm: 1/16), ...
+    rd_channels: int | None = None  # ... or exactly rd_channels ...
+    rd_divisor: int | None = None  # ... rounded to a multiple of rd_divisor (timm: 1)
+    add_maxpool: bool = False  # timm's experimental 0.5 avg + 0.5 max gather (parameter-free gather only)
+    act_layer: str = "relu"  # by timm's name: the MLP's and the gather convs' activation
+    gate_layer: str = "sigmoid"  # or "hard_sigmoid"
     dtype: Any = None
     axis_name: str | None = BATCH_AXIS  # batch-norm synchronisation axis (Flax's), used where bound; set by the host
 
@@ -180,12 +235,20 @@ class GatherExcite(nn.Module):
         check_nhwc(x, type(self).__name__)
         num_convs = gather_conv_count(self.extent, self.extra_params)
         _, height, width, channels = x.shape
-        hidden = reduced_channels(channels, self.reduction) if self.use_mlp else None
+        widths = (self.reduction, self.rd_ratio, self.rd_channels, self.rd_divisor)
+        hidden = bottleneck_width(channels, *widths, timm_ratio=1 / 16) if self.use_mlp else None
+        activation = activation_function(self.act_layer)
+        gate = gate_function(self.gate_layer)
+        if self.add_maxpool and self.extra_params:
+            raise InputError(
+                "add_maxpool applies to the parameter-free gather only (extra_params=False); timm ignores it with "
+                "extra_params=True"
+            )
 
         # LeCun normal with fan-in kh * kw (a depthwise kernel sees one channel)
         init = nn.initializers.lecun_normal(in_axis=(), out_axis=-1)
         if not self.extra_params:
-            g = average_gather(x, self.extent)
+            g = gather(x, self.extent, self.add_maxpool)
         elif self.extent == 0:
             if self.has_variable("params", "gather_0"):
                 built = self.get_variable("params", "gather_0").shape
@@ -203,9 +266,9 @@ class GatherExcite(nn.Module):
                 g, kernel = promote_dtype(g, self.param(f"gather_{i}", init, (3, 3, channels)), dtype=self.dtype)
                 g = block_batch_norm(self, train, f"gather_{i}_bn")(depthwise_conv(g, kernel, stride=2, padding=1))
                 if i < num_convs - 1:
-                    g = nn.relu(g)
+                    g = activation(g)
         if self.use_mlp:
-            g = excitation_mlp(channels, hidden, self.dtype)(g)
-        y, gate = excite(x, g, global_extent=self.extent == 0)
-        self.sow("intermediates", "attention", gate)
+            g = excitation_mlp(channels, hidden, self.dtype, activation=activation)(g)
+        y, s = excite(x, g, global_extent=self.extent == 0, gate=gate)
+        self.sow("intermediates", "attention", s)
         return y

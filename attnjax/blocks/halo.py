@@ -39,13 +39,25 @@ Choices and deviations:
   both would change the paper's borders. The block size is never adapted.
 - Relative tables: 2(b + h) - 1 rows, one per offset that occurs. timm allocates 2w - 1 =
   2(b + 2h) - 1 rows and reads only its last 2(b + h) - 1 (row ``offset + w - 1 + h``): the
-  same function, without 2h rows that never get a gradient. timm's tables load as ``rel[2h:]``.
+  same function, without 2h rows that never get a gradient. timm's tables load as ``rel[2h:]``;
+  ``full_tables=True`` allocates timm's 2w - 1 rows (the first 2h unused), so they load as they are.
 - Heads: timm's default 8; ``num_heads=None`` (the default) takes the largest divisor of C that
   is at most ``max_heads`` (8) (13 -> 1, 3 -> 3, 37 -> 1, 64 -> 8); an explicit count must divide C
-  (:func:`attnjax.blocks.primitives.resolve_heads`).
+  (:func:`attnjax.blocks.primitives.resolve_heads`). So at C = 100 the default runs 5 heads of 20
+  channels, where timm's ``HaloAttn(100)`` (8 heads) refuses to build: ask for timm's count with
+  ``num_heads=8`` or ``qk_ratio`` (below) and attnjax refuses C = 100 too.
 - q/k width ``dim_head=None``: d = C / heads (timm rounds the q/k width to a multiple of 8: the
   same for C divisible by 8). Scale ``d^-1/2`` on the content logits only (timm's
   ``scale_pos_embed=False``; an option here too). No qkv bias (timm's default, an option).
+- timm's width rule on request: ``qk_ratio`` (timm's option; its default is 1.0) gives timm's q/k width
+  ``make_divisible(C * qk_ratio, 8) // heads`` (``dim_head``, if given, wins, as in timm), and timm's heads:
+  ``num_heads``, or ``max_heads`` (8, timm's default) when None, which must divide C; where timm asserts,
+  attnjax raises :class:`attnjax.validate.InputError` (:func:`attnjax.blocks.primitives.attention_widths`).
+  ``HaloAttention(qk_ratio=1.0, full_tables=True)`` has the parameters of timm's ``HaloAttn(C)`` (``q``,
+  ``kv``; ``height_rel``/``width_rel`` = ``pos_embed.height_rel``/``width_rel``) and its output. timm's
+  ``num_heads``, ``dim_head``, ``block_size``, ``halo_size``, ``qkv_bias`` and ``scale_pos_embed`` have timm's
+  names and meaning; ``dim_out``, ``stride`` and ``avg_down`` are not offered. timm's assertion that H and W
+  are multiples of ``block_size`` is not repeated: maps of other sizes are padded, as by default (below).
 - Initialisation as in timm (the paper gives none): kernels normal with std C^-1/2, tables
   normal with std d^-1/2, truncated to [-2, 2].
 - No residual and no output projection: like timm's ``HaloAttn`` it is a drop-in for a 3x3 conv,
@@ -68,11 +80,10 @@ import numpy as np
 
 from attnjax.blocks.primitives import (
     attention_logits,
-    head_widths,
+    attention_widths,
     relative_logits_2d,
     relative_table_size,
     relative_tables,
-    resolve_heads,
     scale_for,
     softmax_in_float32,
     timm_projection,
@@ -156,8 +167,10 @@ class HaloAttention(nn.Module):
     dim_head: int | None = None  # q/k width per head; None: C / heads
     block_size: int = 8
     halo_size: int = 3
+    qk_ratio: float | None = None  # timm's widths: q/k make_divisible(C * qk_ratio, 8) // heads, heads timm's
     qkv_bias: bool = False
     scale_pos_embed: bool = False
+    full_tables: bool = False  # timm's 2(b + 2h) - 1 table rows, the first 2h unused
     dtype: Any = None
 
     @nn.compact
@@ -171,15 +184,19 @@ class HaloAttention(nn.Module):
                 f"halo_size={self.halo_size}"
             )
         n, h, w, c = x.shape
-        heads = resolve_heads(c, self.num_heads, self.max_heads, who)
-        d_qk, d_v = head_widths(c, heads, self.dim_head, who)
+        heads, d_qk, d_v = attention_widths(c, self.num_heads, self.max_heads, self.dim_head, self.qk_ratio, who)
 
         q = timm_projection(heads * d_qk, c, self.qkv_bias, self.dtype, "q")(x).reshape(n, h, w, heads, d_qk)
         kv = timm_projection(heads * (d_qk + d_v), c, self.qkv_bias, self.dtype, "kv")(x)
         kv = kv.reshape(n, h, w, heads, d_qk + d_v)
         k, v = kv[..., :d_qk], kv[..., d_qk:]
-        rows = relative_table_size(self.block_size, self.block_size + 2 * self.halo_size)
-        height_rel, width_rel = relative_tables(self, rows, rows, d_qk)
+        window = self.block_size + 2 * self.halo_size
+        rows = relative_table_size(self.block_size, window)
+        if self.full_tables:  # timm's layout: one row per offset up to +-(w - 1), the first 2h never read
+            height_rel, width_rel = relative_tables(self, 2 * window - 1, 2 * window - 1, d_qk)
+            height_rel, width_rel = height_rel[2 * self.halo_size :], width_rel[2 * self.halo_size :]
+        else:
+            height_rel, width_rel = relative_tables(self, rows, rows, d_qk)
 
         y, weights = halo_attention(
             q, k, v, height_rel, width_rel, self.block_size, self.halo_size, self.scale_pos_embed

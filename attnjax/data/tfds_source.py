@@ -41,7 +41,15 @@ CROP_ONLY = {"svhn_cropped"}  # digits in natural photographs: shifts are fine, 
 TRAIN_SPLIT, TEST_SPLITS = "train", ("test", "validation")
 
 
+# TensorFlow (imported by TFDS to prepare a dataset) logs C++ start-up notes to stderr, where they would follow
+# a one-line refusal. Its "oneDNN custom operations are on" note ignores TF_CPP_MIN_LOG_LEVEL and goes only with
+# oneDNN's TF ops, which preparing (decoding and writing images) does not need. A user's own setting wins.
+TF_QUIET = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
+
+
 def _import_tfds():
+    for variable, value in TF_QUIET.items():
+        os.environ.setdefault(variable, value)
     try:
         import tensorflow_datasets as tfds
     except ImportError:

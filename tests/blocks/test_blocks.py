@@ -78,6 +78,7 @@ def test_seed_block_bottleneck_width_follows_reduction():
 CLASSES = {
     "axial": blocks.AxialAttention,
     "bam": blocks.BAM,
+    "bat": blocks.BilinearAttentionalTransform,
     "bottleneck": blocks.BottleneckAttention,
     "cbam": blocks.CBAM,
     "ceca": blocks.CircularEfficientChannelAttention,
@@ -86,6 +87,7 @@ CLASSES = {
     "danet": blocks.DualAttention,
     "eca": blocks.EfficientChannelAttention,
     "ecam": blocks.EfficientChannelAttentionMLP,
+    "ela": blocks.EfficientLocalAttention,
     "ese": blocks.EffectiveSqueezeExcitation,
     "external": blocks.ExternalAttention,
     "gc": blocks.GlobalContext,
@@ -97,6 +99,7 @@ CLASSES = {
     "mhsa": blocks.MultiHeadSelfAttention,
     "nonlocal": blocks.NonLocalAttention,
     "psa": blocks.PolarizedSelfAttention,
+    "scoord": blocks.SimpleCoordinateAttention,
     "se": blocks.SqueezeExcitation,
     "seed": SeedAttention,
     "shuffle": blocks.ShuffleAttention,
@@ -104,6 +107,7 @@ CLASSES = {
     "sk": blocks.SelectiveKernelAttention,
     "softmax": SoftmaxAttention,
     "splat": blocks.SplitAttention,
+    "strip": blocks.StripAttention,
     "triplet": blocks.TripletAttention,
 }
 
@@ -111,6 +115,7 @@ CLASSES = {
 def test_registry_lists_and_creates_blocks():
     catalogue = {"se", "eca", "cbam", "bam", "gc", "nonlocal", "coord", "simam", "sk", "triplet", "mhsa"}
     timm = {"ese", "ecam", "ceca", "ge", "gca", "lcbam", "splat", "lambda", "bottleneck", "halo"}
+    timm |= {"scoord", "ela", "strip", "bat"}
     external_attention = {"external", "psa", "shuffle", "danet", "criss_cross", "axial"}
     assert set(blocks.names()) == catalogue | timm | external_attention | {"seed", "softmax"} == set(CLASSES)
     assert blocks.names() == sorted(blocks.names())
@@ -137,7 +142,7 @@ def test_create_checks_the_options_as_factory_does():
 def test_unknown_block_name_lists_valid_names():
     with pytest.raises(
         ValueError,
-        match=r"unknown attention block 'sse'; valid names: axial, bam, .*, splat, triplet",
+        match=r"unknown attention block 'sse'; valid names: axial, bam, .*, splat, strip, triplet",
     ):
         blocks.create("sse")
 

@@ -1,4 +1,5 @@
-"""Bottleneck (BoTNet MHSA): PyTorch parity of output and map, relative logits, heads rule, size binding, properties."""
+"""Bottleneck (BoTNet MHSA): PyTorch parity of output and map, timm parity with timm's widths, relative logits, heads
+rule, size binding, properties."""
 
 import functools
 import math
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 from block_harness import check_forward, jit_intermediates, plain, setup
+from timm_blocks import check_against_timm, create_attn, load_timm
 from torch import nn
-from torch_reference import random_images, random_variables
+from torch_reference import random_images, random_variables, torch_state_with_stats
 
 from attnjax.blocks.bottleneck import BottleneckAttention
 from attnjax.validate import InputError
@@ -148,3 +150,47 @@ def test_other_sizes_are_a_clear_error_naming_the_bound_size_and_the_fix():
         jax.eval_shape(BottleneckAttention(feat_size=4).init, jax.random.key(0), jnp.zeros((1, 5, 5, 8)))
     params = jax.eval_shape(BottleneckAttention(feat_size=(3, 4)).init, jax.random.key(0), jnp.zeros((1, 3, 4, 8)))
     chex.assert_shape((params["params"]["height_rel"], params["params"]["width_rel"]), [(5, 2), (7, 2)])  # 4 heads of 2
+
+
+# timm 1.0.29's BottleneckAttn (create_attn('bottleneck')): timm's width rule through qk_ratio.
+
+TIMM_NAMES = {"height_rel": "pos_embed.height_rel", "width_rel": "pos_embed.width_rel"}
+
+
+@pytest.mark.parametrize(
+    "shape, options",
+    [
+        ((2, 5, 4, 20), {"qk_ratio": 1.0}),  # timm's defaults: 4 heads, q/k make_divisible(20, 8) / 4 = 6 (attnjax: 5)
+        ((2, 4, 4, 64), {"qk_ratio": 0.5, "num_heads": 2, "qkv_bias": True, "scale_pos_embed": True}),
+        ((1, 3, 5, 36), {"qk_ratio": 1.0, "num_heads": 3, "dim_head": 7}),  # dim_head wins, as in timm
+    ],
+)
+def test_timm_options_give_timms_parameters_and_output(shape, options):
+    block = BottleneckAttention(**options)
+    x = random_images(shape, 1)
+    variables = random_variables(block, x, 2)
+    reference = create_attn("bottleneck", shape[-1], feat_size=shape[1:3], **options)
+    check_against_timm(block, x, variables, load_timm(reference, torch_state_with_stats(variables), TIMM_NAMES))
+
+
+def test_default_widths_are_attnjax_rule_and_timms_an_option():
+    x = jnp.zeros((1, 3, 3, 20))
+    for options, d in [({}, 5), ({"qk_ratio": 1.0}, 6)]:
+        params = jax.eval_shape(BottleneckAttention(**options).init, jax.random.key(0), x)["params"]
+        chex.assert_shape((params["qkv"]["kernel"], params["height_rel"]), [(1, 1, 20, 8 * d + 20), (5, d)])
+    assert create_attn("bottleneck", 20, feat_size=3).dim_head_qk == 6
+
+
+def test_timm_widths_refuse_what_timm_refuses():
+    """18 channels: timm's 4 heads do not divide them (timm asserts); attnjax's default takes 3 heads."""
+    with pytest.raises(AssertionError):
+        create_attn("bottleneck", 18, feat_size=3)
+    x = jnp.zeros((1, 3, 3, 18))
+    with pytest.raises(
+        InputError, match=r"^BottleneckAttention: timm's widths \(qk_ratio=1.0\) take num_heads=max_heads=4"
+    ):
+        jax.eval_shape(BottleneckAttention(qk_ratio=1.0).init, jax.random.key(0), x)
+    with pytest.raises(InputError, match=r"(?m)^BottleneckAttention: qk_ratio must be > 0 or None, got 0$"):
+        jax.eval_shape(BottleneckAttention(qk_ratio=0).init, jax.random.key(0), x)
+    params = jax.eval_shape(BottleneckAttention().init, jax.random.key(0), x)["params"]
+    chex.assert_shape(params["height_rel"], (5, 6))

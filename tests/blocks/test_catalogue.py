@@ -44,6 +44,7 @@ SOFTMAX_MAPS = {
     "axial": {"height": -1, "width": -1},  # (N, heads, H, W, H) and (N, heads, H, W, W)
     "splat": {"attention": -1},  # (N, 1, 1, C, R): per channel, over the radix
     "lambda": {"keys": (1, 2)},  # (N, H, W, k): per image and key channel, over the positions
+    "bat": {"height": -1, "width": -1},  # (N, G, b, b): each output block's weights over the input blocks
 }
 # Blocks whose sown maps are sigmoid gates or pre-sigmoid logits, none normalised.
 NO_SOFTMAX_MAPS = {
@@ -53,13 +54,16 @@ NO_SOFTMAX_MAPS = {
     "coord",
     "eca",
     "ecam",
+    "ela",
     "ese",
     "ge",
     "lcbam",
+    "scoord",
     "se",
     "seed",
     "shuffle",
     "simam",
+    "strip",
     "triplet",
 }
 

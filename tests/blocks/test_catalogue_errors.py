@@ -28,6 +28,7 @@ HEADS = (
 BAD_VALUES = {
     "kernel_size": [(size, ODD) for size in (0, 4, 6)],
     "r": [(size, ODD) for size in (0, 4, 6)],
+    "min_kernel_size": [(size, ODD) for size in (0, 4)],
     "reduction": [(0, r"^reduction must be >= 1, got 0$")],
     "min_channels": [(0, r"^min_channels must be >= 1, got 0$")],
     "num_heads": [(heads, HEADS) for heads in (3, 0, 5)],
@@ -61,7 +62,32 @@ BAD_VALUES = {
         for e in (0.0, -1e-4)
     ],
     "gate": [("relu", r"^gate must be one of hard_sigmoid, sigmoid, got 'relu'$")],
+    # timm's options, under timm's names (attnjax.blocks.primitives checks them)
+    "rd_ratio": [(0, r"^rd_ratio must be > 0 or None, got 0$")],
+    "rd_channels": [(0, r"^rd_channels must be >= 1 or None, got 0$")],
+    "rd_divisor": [(0, r"^rd_divisor must be >= 1 or None, got 0$")],
+    "gate_layer": [("relu", r"^gate_layer must be one of hard_sigmoid, sigmoid, got 'relu'$")],
+    "act_layer": [
+        (
+            "softmax",
+            (
+                r"^act_layer must be one of gelu, gelu_tanh, hard_swish, leaky_relu, relu, relu6, silu, swish, "
+                r"got 'softmax'$"
+            ),
+        )
+    ],
+    "qk_ratio": [(0, r"^{who}: qk_ratio must be > 0 or None, got 0$")],
+    "norm_eps": [(-1.0, r"^norm_eps must be >= 0 \(timm's LayerNorm2d uses 1e-6\), got -1.0$")],
+    # timm's conv-layer options of sk (SelectiveKernel) and splat (SplitAttn)
+    "out_channels": [(0, r"^{who}: out_channels must be >= 1 or None \(the input's channels\), got 0$")],
+    "stride": [(0, r"^{who}: stride must be >= 1, got 0$")],
+    "padding": [(-1, r"^{who}: padding must be >= 0 or None \(kernel_size // 2, timm's\), got -1$")],
     "channel_energy": [("negated", r"^{who}: channel_energy must be one of official, paper; got 'negated'$")],
+    # timm's options of scoord (SimpleCoordAttn) and bat (BatNonLocalAttn)
+    "se_factor": [(0, r"^se_factor must be > 0 \(timm uses 2/3\), got 0$")],
+    "drop_rate": [
+        (rate, rf"^drop_rate must be >= 0 and < 1 \(timm's default is 0\.2\), got {rate}$") for rate in (1.0, -0.1)
+    ],
     "position_embedding": [
         ("relative", r"^{who}: position_embedding must be one of local, global, got 'relative'$"),
     ],
@@ -71,19 +97,63 @@ OWN_MESSAGES = {
     ("ecam", "reduction"): [(0, r"^reduction must be >= 1 \(timm uses 8\), got 0$")],
     ("lambda", "dim_head"): [(0, r"^{who}: dim_head must be >= 1, got 0$")],
     ("shuffle", "groups"): [(0, r"^groups must be >= 1 \(the paper uses 64\), got 0$")],
+    ("sk", "dilation"): [(0, r"^{who}: dilation must be >= 1, got 0$")],
+    ("splat", "dilation"): [(0, r"^{who}: dilation must be >= 1, got 0$")],
+    # timm's rd_ratio and rd_divisor are plain numbers there, not None (timm_divisible_width)
+    ("scoord", "rd_ratio"): [(0, r"^rd_ratio must be > 0, got 0$")],
+    ("scoord", "rd_divisor"): [(0, r"^rd_divisor must be >= 1, got 0$")],
+    ("bat", "rd_ratio"): [(0, r"^rd_ratio must be > 0, got 0$")],
+    ("bat", "rd_divisor"): [(0, r"^rd_divisor must be >= 1, got 0$")],
+    ("bat", "block_size"): [(0, r"^{who}: block_size must be >= 1 \(timm's default is 7\), got 0$")],
 }
 # Options whose values are all valid (flags, free numbers, a size that binds the block).
 ANY_VALUE = {"b", "extra_params", "feat_size", "no_spatial", "qkv_bias", "scale_pos_embed", "temperature",
-             "use_mlp", "zero_init_last"}  # fmt: skip
+             "use_mlp", "zero_init_last", "add_maxpool", "full_tables", "mlp_bias", "spatial_norm",
+             "use_attn", "keep_3x3", "split_input", "bias", "fc1_bias", "has_skip", "use_conv",
+             "use_norm", "beta"}  # fmt: skip
 # Options that are each valid alone but not together: block -> [(options, message)].
+TIMM_AND_ATTNJAX_WIDTHS = (
+    r"^reduction=8 \(attnjax's width rule\) and rd_ratio/rd_channels/rd_divisor \(timm's\) both set the hidden "
+    r"width; give one of them$"
+)
+TIMM_HEADS = (
+    r"^{who}: timm's widths \(qk_ratio=1.0\) take num_heads=max_heads=3 heads when num_heads=None, and timm "
+    r"refuses a count that does not divide the 16 input channels; give num_heads \(a divisor of 16\) or "
+    r"qk_ratio=None \(attnjax's rule\)$"
+)
 BAD_COMBINATIONS = {
+    "eca": [({"b": 2, "beta": 1.0}, r"^{who}: b=2 and beta=1.0 are the same option \(timm calls b beta\); give one$")],
     "ge": [
         (
             {"extent": 6, "extra_params": True},
             r"^with extra_params=True the extent sets the number of stride-2 convs, log2\(extent\), so it must be "
             r"a power of two \(2, 4, 8, \.\.\.\); got 6$",
         ),
+        ({"reduction": 8, "rd_divisor": 1}, TIMM_AND_ATTNJAX_WIDTHS),
+        (
+            {"extent": 2, "extra_params": True, "add_maxpool": True},
+            (
+                r"^add_maxpool applies to the parameter-free gather only \(extra_params=False\); timm ignores it "
+                r"with extra_params=True$"
+            ),
+        ),
     ],
+    "gc": [({"reduction": 8, "rd_ratio": 0.25}, TIMM_AND_ATTNJAX_WIDTHS)],
+    "gca": [({"reduction": 8, "rd_channels": 4}, TIMM_AND_ATTNJAX_WIDTHS)],
+    "lcbam": [({"reduction": 8, "rd_ratio": 0.25}, TIMM_AND_ATTNJAX_WIDTHS)],
+    "bottleneck": [({"qk_ratio": 1.0, "max_heads": 3}, TIMM_HEADS)],
+    "halo": [({"qk_ratio": 1.0, "max_heads": 3}, TIMM_HEADS)],
+    "sk": [
+        ({"reduction": 8, "rd_ratio": 0.25}, TIMM_AND_ATTNJAX_WIDTHS),
+        (
+            {"kernel_size": (3, 5), "dilations": (1, 3)},
+            (
+                r"^{who}: kernel_size=\(3, 5\) \(timm's branch kernels\) and dilations=\(1, 3\) \(attnjax's "
+                r"branch dilations\) both set the branches; give one of them$"
+            ),
+        ),
+    ],
+    "splat": [({"reduction": 8, "rd_ratio": 0.25}, TIMM_AND_ATTNJAX_WIDTHS)],
 }
 
 

@@ -1,4 +1,5 @@
-"""GlobalContext: output and softmax map against a PyTorch GC block written from the paper, and its properties."""
+"""GlobalContext: output and softmax map against a PyTorch GC block written from the paper and against timm's module
+(timm's 'gca', with timm's options), and its properties."""
 
 import chex
 import jax
@@ -8,12 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from block_harness import check_forward, load, random_maps, setup, torch_state_with_map_norm
+from timm_blocks import check_against_timm, create_attn, load_timm
 from torch import nn
-from torch_reference import random_images
+from torch_reference import random_images, random_variables, torch_state_with_stats
 
 from attnjax import blocks
 from attnjax.blocks.gc import GlobalContext
 from attnjax.compare.pytorch import nchw_to_nhwc, nhwc_to_nchw
+from attnjax.validate import InputError
 
 pytestmark = pytest.mark.torch
 PROPERTY_SHAPES = [(2, 8, 8, 64), (1, 7, 7, 16), (3, 1, 1, 32), (2, 5, 9, 24), (2, 3, 4, 20)]
@@ -85,7 +88,7 @@ def test_layer_norm_is_accurate_in_float32_when_its_input_mean_dwarfs_its_spread
 
 @pytest.mark.parametrize("shape", PROPERTY_SHAPES)
 def test_shape_and_softmax_map(shape):
-    x, y, maps = random_maps(blocks.create("gc"), shape)
+    _, y, maps = random_maps(blocks.create("gc"), shape)
     assert list(maps) == ["attention"]
     weights = maps["attention"]
     n, h, w, _ = shape
@@ -107,3 +110,49 @@ def test_init_starts_as_the_identity_unless_told_otherwise():
     other = jax.jit(GlobalContext(zero_init_last=False).init)(jax.random.key(0), x)
     assert jnp.all(other["params"]["expand"]["kernel"] != 0)
     chex.assert_tree_all_finite(other)
+
+
+# timm 1.0.29's GlobalContext: timm's create_attn('gca') (additive fusion) is attnjax's gc.
+
+TIMM_NAMES = {"context": "conv_attn", "reduce": "mlp_add.fc1", "norm": "mlp_add.norm", "expand": "mlp_add.fc2"}
+
+
+def timm_gc(shape, options, timm_options, seed=0):
+    """attnjax's gc with ``options`` and timm's 'gca' with ``timm_options``, sharing random parameters; timm's
+    ``conv_attn.bias`` (attnjax has none: it cancels in the softmax) is set to a random value too."""
+    block = GlobalContext(**options)
+    reference = create_attn("gca", shape[-1], **timm_options)
+    x = random_images(shape, seed)
+    variables = random_variables(block, x, seed + 1)
+    extra = {"conv_attn.bias": torch.tensor([0.7])} if block.use_attn else {}
+    return block, x, variables, load_timm(reference, torch_state_with_stats(variables), TIMM_NAMES, extra)
+
+
+@pytest.mark.parametrize(
+    "shape, options, timm_options",
+    [
+        ((2, 4, 5, 256), {"rd_ratio": 1 / 8}, {}),  # timm's defaults: C/8 = 32 (attnjax's default: 16)
+        ((2, 3, 4, 64), {"rd_divisor": 1}, {}),  # rd_ratio defaults to timm's 1/8
+        (
+            (2, 3, 5, 100),
+            {"rd_ratio": 0.1, "rd_divisor": 8, "act_layer": "gelu"},
+            {"rd_ratio": 0.1, "rd_divisor": 8, "act_layer": "gelu"},
+        ),
+        ((2, 4, 4, 40), {"rd_channels": 3, "use_attn": False}, {"rd_channels": 3, "use_attn": False}),
+    ],
+)
+def test_timm_options_give_timms_parameters_and_output(shape, options, timm_options):
+    block, x, variables, reference = timm_gc(shape, {**options, "norm_eps": 1e-6}, timm_options)
+    check_against_timm(block, x, variables, reference)
+
+
+def test_default_width_is_attnjax_rule_and_timms_is_an_option():
+    x = jnp.zeros((1, 2, 2, 256))
+    widths = {
+        options: jax.eval_shape(GlobalContext(**dict(options)).init, jax.random.key(0), x)["params"]["reduce"]["bias"]
+        for options in [(), (("rd_ratio", 1 / 8),), (("rd_divisor", 1),), (("rd_channels", 20),)]
+    }
+    assert [w.shape[0] for w in widths.values()] == [16, 32, 32, 20]
+    assert create_attn("gca", 256).mlp_add.fc1.out_channels == 32
+    with pytest.raises(InputError, match=r"^reduction=8 \(attnjax's width rule\) and rd_ratio/rd_channels/rd_divisor"):
+        jax.eval_shape(GlobalContext(reduction=8, rd_ratio=0.25).init, jax.random.key(0), x)

@@ -1,5 +1,5 @@
 """GlobalContextGate (gca): outputs, maps and gradients against a PyTorch GC block with scaling fusion written
-from the paper, and its properties."""
+from the paper, output against timm's module (timm's 'gc', with timm's options), and its properties."""
 
 import chex
 import jax
@@ -17,8 +17,9 @@ from block_harness import (
     setup,
     torch_state_with_map_norm,
 )
+from timm_blocks import check_against_timm, create_attn, load_timm
 from torch import nn
-from torch_reference import random_images
+from torch_reference import random_images, random_variables, torch_state_with_stats
 
 from attnjax.blocks.gc import GlobalContext
 from attnjax.blocks.gca import GlobalContextGate
@@ -129,3 +130,36 @@ def test_same_parameters_as_gc():
     gca = jax.eval_shape(GlobalContextGate().init, jax.random.key(0), x)
     gc = jax.eval_shape(GlobalContext().init, jax.random.key(0), x)
     chex.assert_trees_all_equal_shapes_and_dtypes(gca, gc)
+
+
+# timm 1.0.29's GlobalContext: timm's create_attn('gc') (its defaults, sigmoid-gated fusion) is attnjax's gca.
+
+TIMM_NAMES = {"context": "conv_attn", "reduce": "mlp_scale.fc1", "norm": "mlp_scale.norm", "expand": "mlp_scale.fc2"}
+
+
+@pytest.mark.parametrize(
+    "shape, options",
+    [
+        ((2, 4, 5, 256), {"rd_ratio": 1 / 8}),  # timm's defaults: C/8 = 32 (attnjax's default: 16)
+        ((2, 3, 4, 64), {"rd_divisor": 1}),
+        ((2, 3, 5, 40), {"rd_ratio": 1 / 16, "rd_divisor": 2, "act_layer": "silu", "gate_layer": "hard_sigmoid"}),
+    ],
+)
+def test_timm_options_give_timms_parameters_and_output(shape, options):
+    """timm's 'gc' with the same options, its conv_attn bias random too."""
+    block = GlobalContextGate(**options, norm_eps=1e-6)
+    reference = create_attn("gc", shape[-1], **options)
+    x = random_images(shape)
+    variables = random_variables(block, x, 1)
+    reference = load_timm(
+        reference, torch_state_with_stats(variables), TIMM_NAMES, {"conv_attn.bias": torch.tensor([-0.4])}
+    )
+    check_against_timm(block, x, variables, reference)
+
+
+def test_default_width_is_c_over_16_and_timms_c_over_8_an_option():
+    x = jnp.zeros((1, 2, 2, 256))
+    for options, width in [({}, 16), ({"rd_ratio": 1 / 8}, 32)]:
+        params = jax.eval_shape(GlobalContextGate(**options).init, jax.random.key(0), x)["params"]
+        chex.assert_shape(params["reduce"]["kernel"], (1, 1, 256, width))
+    assert create_attn("gc", 256).mlp_scale.fc1.out_channels == 32

@@ -1,5 +1,6 @@
 """GatherExcite: outputs and gate against a PyTorch gather-excite written from the paper (GE-θ-, GE-θ, GE-θ+,
-global and finite extents, timm's options), eval and train mode, gradients, and its properties."""
+global and finite extents, timm's options), eval and train mode, gradients; outputs against timm's own module with
+timm's width rule and options; and its properties."""
 
 import chex
 import jax
@@ -9,11 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from block_harness import apply_jit, assert_gated, check_forward, check_gradients, check_running_stats, load, sown_maps
+from timm_blocks import check_against_timm, create_attn, fix_gather_excite, load_timm
 from torch import nn
 from torch_reference import random_images, random_variables
 
-from attnjax.blocks.ge import GatherExcite, average_gather, depthwise_conv, nearest_resize
+from attnjax.blocks.ge import GatherExcite, average_gather, depthwise_conv, max_gather, nearest_resize
 from attnjax.compare.pytorch import nchw_to_nhwc, nhwc_to_nchw
+from attnjax.validate import InputError
 
 pytestmark = pytest.mark.torch
 
@@ -201,3 +204,75 @@ def test_nearest_resize_matches_torch():
             t = random_images((1, small, small, 2), seed=size)
             expected = nchw_to_nhwc(F.interpolate(nhwc_to_nchw(t), size=(size, size)))
             np.testing.assert_array_equal(nearest_resize(t, size, size), expected)
+
+
+# timm 1.0.29's GatherExcite (create_attn('ge')), built with its *dd call bug bypassed (timm_blocks.fix_gather_excite).
+
+
+def timm_names(num_convs):
+    names = {"reduce": "mlp.fc1", "expand": "mlp.fc2"}
+    for i in range(num_convs):
+        names.update({f"gather_{i}": f"gather.conv{i + 1}", f"gather_{i}_bn": f"gather.norm{i + 1}"})
+    return names
+
+
+TIMM_CASES = [
+    ({}, (2, 5, 6, 64)),  # timm's defaults: width round(64 / 16) = 4 (attnjax's default: 8)
+    ({"extent": 2, "add_maxpool": True, "rd_ratio": 1 / 8}, (2, 7, 5, 20)),
+    ({"add_maxpool": True, "act_layer": "silu", "gate_layer": "hard_sigmoid", "rd_channels": 5}, (2, 4, 4, 32)),
+    ({"extent": 4, "extra_params": True}, (2, 9, 7, 16)),
+    ({"extent": 8, "extra_params": True, "use_mlp": False, "act_layer": "gelu"}, (2, 10, 13, 12)),
+]
+
+
+def setup_timm_ge(monkeypatch, options, shape, seed=0):
+    """attnjax's GatherExcite with timm's width rule (``rd_divisor=1``, timm's) and ``options``, and timm's module
+    with ``options``, sharing random parameters and running statistics."""
+    fix_gather_excite(monkeypatch)
+    timm_options = {"rd_divisor": 1, **options}
+    block = GatherExcite(**timm_options)
+    x = random_images(shape, seed)
+    variables = random_variables(block, x, seed + 1)
+    num_convs = len([name for name in variables["params"] if name.startswith("gather_") and name[-1].isdigit()])
+    reference = create_attn("ge", shape[-1], **timm_options)
+    return block, x, variables, load_timm(reference, to_torch_state(variables), timm_names(num_convs))
+
+
+@pytest.mark.parametrize("options, shape", TIMM_CASES)
+def test_timm_options_give_timms_parameters_and_output(monkeypatch, options, shape):
+    check_against_timm(*setup_timm_ge(monkeypatch, options, shape))
+
+
+@pytest.mark.parametrize("options, shape", [case for case in TIMM_CASES if case[0].get("extra_params")])
+def test_timm_options_match_timm_in_train_mode(monkeypatch, options, shape):
+    """Batch statistics and the running means after the step, in float64 (see the train-mode test above)."""
+    block, x, variables, reference = setup_timm_ge(monkeypatch, options, shape, seed=5)
+    _, state = check_against_timm(block, x, variables, reference, train=True, float64=True)
+    check_running_stats(state, reference, module_name=lambda name: timm_names(3)[name])
+
+
+def test_default_width_is_attnjax_rule_and_timms_is_an_option(monkeypatch):
+    fix_gather_excite(monkeypatch)
+    x = jnp.zeros((1, 2, 2, 64))
+    for options, width in [({}, 8), ({"rd_divisor": 1}, 4), ({"rd_ratio": 1 / 8}, 8), ({"rd_channels": 3}, 3)]:
+        params = jax.eval_shape(GatherExcite(**options).init, jax.random.key(0), x)["params"]
+        assert params["reduce"]["kernel"].shape == (64, width), options
+    assert create_attn("ge", 64).mlp.fc1.out_channels == 4
+
+
+def test_add_maxpool_with_gather_parameters_is_refused_where_timm_ignores_it():
+    with pytest.raises(InputError, match=r"^add_maxpool applies to the parameter-free gather only"):
+        jax.eval_shape(
+            GatherExcite(extent=2, extra_params=True, add_maxpool=True).init, jax.random.key(0), jnp.zeros((1, 4, 4, 8))
+        )
+
+
+@pytest.mark.parametrize("extent", [0, 2, 4])
+def test_max_gather_is_the_window_max(extent):
+    x = random_images((2, 7, 6, 3))
+    expected = nchw_to_nhwc(
+        F.adaptive_max_pool2d(nhwc_to_nchw(x), 1)
+        if extent == 0
+        else F.max_pool2d(nhwc_to_nchw(x), 2 * extent - 1, extent, extent - 1)
+    )
+    np.testing.assert_array_equal(max_gather(x, extent), expected)

@@ -1,4 +1,5 @@
-"""Halo (HaloNet): PyTorch parity of output, map and gradients, padding of odd sizes, locality, heads rule, errors."""
+"""Halo (HaloNet): PyTorch parity of output, map and gradients, timm parity with timm's widths and tables, padding of
+odd sizes, locality, heads rule, errors."""
 
 import math
 
@@ -10,11 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from block_harness import TOL, apply_jit, check_gradients, jit_intermediates, setup, sown_maps
+from timm_blocks import check_against_timm, create_attn, load_timm
 from torch import nn
-from torch_reference import random_images, random_variables
+from torch_reference import random_images, random_variables, torch_state_with_stats
 
 from attnjax.blocks.halo import HaloAttention
 from attnjax.compare.pytorch import nchw_to_nhwc, nhwc_to_nchw
+from attnjax.validate import InputError
 
 pytestmark = pytest.mark.torch
 
@@ -200,3 +203,53 @@ def test_init_follows_timm_and_any_size_runs_with_the_same_parameters():
     assert np.abs(params["height_rel"]).max() <= 2
     shapes = jax.eval_shape(block.apply, {"params": params}, jnp.zeros((2, 11, 3, 256)))
     chex.assert_shape(shapes, (2, 11, 3, 256))
+
+
+# timm 1.0.29's HaloAttn (create_attn('halo')): timm's width rule through qk_ratio, its tables with full_tables.
+
+TIMM_NAMES = {"height_rel": "pos_embed.height_rel", "width_rel": "pos_embed.width_rel"}
+TIMM_CASES = [
+    ((2, 8, 8, 64), {"qk_ratio": 1.0}),  # timm's defaults: 8 heads, b = 8, h = 3
+    ((2, 8, 8, 20), {"qk_ratio": 1.0, "num_heads": 4, "block_size": 4, "halo_size": 1}),  # q/k 6 (attnjax: 5)
+    (
+        (1, 6, 9, 24),
+        {"qk_ratio": 0.5, "num_heads": 2, "block_size": 3, "halo_size": 2, "qkv_bias": True, "scale_pos_embed": True},
+    ),
+]
+
+
+def setup_timm_halo(shape, options):
+    block = HaloAttention(**options, full_tables=True)
+    x = random_images(shape, 1)
+    variables = random_variables(block, x, 2)
+    reference = create_attn("halo", shape[-1], **options)
+    return block, x, variables, load_timm(reference, torch_state_with_stats(variables), TIMM_NAMES)
+
+
+@pytest.mark.parametrize("shape, options", TIMM_CASES)
+def test_timm_options_give_timms_parameters_and_output(shape, options):
+    check_against_timm(*setup_timm_halo(shape, options))
+
+
+@pytest.mark.parametrize("shape, options", TIMM_CASES[1:])
+def test_timms_tables_load_into_the_default_layout_as_their_last_rows(shape, options):
+    """Without ``full_tables`` the tables are timm's rows 2h onwards: the same output, without the unread rows."""
+    _, x, variables, reference = setup_timm_halo(shape, options)
+    halo = options["halo_size"]
+    params = {**variables["params"], **{t: variables["params"][t][2 * halo :] for t in ("height_rel", "width_rel")}}
+    check_against_timm(HaloAttention(**options), x, {"params": params}, reference)
+
+
+def test_at_100_channels_the_default_takes_5_heads_and_timms_widths_refuse_as_timm_does():
+    with pytest.raises(AssertionError):
+        create_attn("halo", 100)
+    x = jnp.zeros((1, 8, 8, 100))
+    params = jax.eval_shape(HaloAttention().init, jax.random.key(0), x)["params"]
+    chex.assert_shape(params["height_rel"], (21, 20))  # 5 heads of 20 channels
+    with pytest.raises(InputError, match=r"^HaloAttention: timm's widths \(qk_ratio=1.0\) take num_heads=max_heads=8"):
+        jax.eval_shape(HaloAttention(qk_ratio=1.0).init, jax.random.key(0), x)
+    with pytest.raises(InputError, match=r"^HaloAttention: num_heads=8 does not divide the 100 input channels"):
+        jax.eval_shape(HaloAttention(num_heads=8).init, jax.random.key(0), x)
+    params = jax.eval_shape(HaloAttention(qk_ratio=1.0, num_heads=4).init, jax.random.key(0), x)["params"]
+    chex.assert_shape((params["q"]["kernel"], params["height_rel"]), [(1, 1, 100, 104), (21, 26)])
+    assert create_attn("halo", 100, num_heads=4).dim_head_qk == 26

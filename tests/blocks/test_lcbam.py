@@ -1,16 +1,19 @@
 """LightCBAM (lcbam): outputs, maps and gradients against a PyTorch light CBAM written from its definition
-(timm's LightCbamModule, with attnjax's CBAM choices), and its properties (its gates: in test_cbam.py)."""
+(timm's LightCbamModule, with attnjax's CBAM choices), outputs against timm's own module with timm's options (eval and
+train mode), and its properties (its gates: in test_cbam.py)."""
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from block_harness import check_forward, check_gradients, setup
+from block_harness import check_forward, check_gradients, check_running_stats, setup
 from jax.test_util import check_grads
+from timm_blocks import check_against_timm, create_attn, load_timm
 from torch import nn
-from torch_reference import random_images
+from torch_reference import random_images, random_variables, torch_state_with_stats
 
 from attnjax.blocks.lcbam import LightCBAM, light_channel_pool, light_global_pool
 
@@ -85,3 +88,52 @@ def test_pooling_functions():
     np.testing.assert_allclose(pooled, expected, rtol=1e-6, atol=1e-7)
     check_grads(light_global_pool, (x,), order=1, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
     check_grads(light_channel_pool, (x,), order=1, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
+
+
+# timm 1.0.29's LightCbamModule (create_attn('lcbam')): timm's width rule, bias-free MLP and BN in the spatial gate.
+
+TIMM_NAMES = {
+    "reduce": "channel.fc1",
+    "expand": "channel.fc2",
+    "spatial_conv": "spatial.conv.conv",
+    "spatial_bn": "spatial.conv.bn",
+}
+TIMM_BLOCK = {"rd_divisor": 1, "mlp_bias": False, "spatial_norm": True}  # timm's defaults, in attnjax's options
+TIMM_CASES = [
+    ({}, {}, (2, 5, 6, 64)),  # width round(64 / 16) = 4 (attnjax's default: 8)
+    (
+        {"rd_ratio": 1 / 8, "mlp_bias": True, "act_layer": "silu", "kernel_size": 5},
+        {"rd_ratio": 1 / 8, "mlp_bias": True, "act_layer": nn.SiLU, "spatial_kernel_size": 5},
+        (2, 6, 5, 40),
+    ),
+]
+
+
+def setup_timm_lcbam(options, timm_options, shape, seed=0):
+    block = LightCBAM(**{**TIMM_BLOCK, **options})
+    x = random_images(shape, seed)
+    variables = random_variables(block, x, seed + 1)
+    reference = create_attn("lcbam", shape[-1], **timm_options)
+    return block, x, variables, load_timm(reference, torch_state_with_stats(variables), TIMM_NAMES)
+
+
+@pytest.mark.parametrize("options, timm_options, shape", TIMM_CASES)
+def test_timm_options_give_timms_parameters_and_output(options, timm_options, shape):
+    check_against_timm(*setup_timm_lcbam(options, timm_options, shape))
+
+
+@pytest.mark.parametrize("options, timm_options, shape", TIMM_CASES)
+def test_timm_options_match_timm_in_train_mode(options, timm_options, shape):
+    """The spatial gate's batch statistics and its running mean after the step, in float64."""
+    block, x, variables, reference = setup_timm_lcbam(options, timm_options, shape, seed=3)
+    _, state = check_against_timm(block, x, variables, reference, train=True, float64=True)
+    check_running_stats(state, reference, module_name=TIMM_NAMES.get)
+
+
+def test_default_width_is_attnjax_rule_and_timms_is_an_option():
+    x = jnp.zeros((1, 2, 2, 64))
+    for options, width in [({}, 8), ({"rd_divisor": 1}, 4), ({"rd_ratio": 1 / 8}, 8), ({"rd_channels": 6}, 6)]:
+        params = jax.eval_shape(LightCBAM(**options).init, jax.random.key(0), x)["params"]
+        assert params["reduce"]["kernel"].shape == (64, width), options
+        assert "spatial_bn" not in params and "bias" in params["spatial_conv"]
+    assert create_attn("lcbam", 64).channel.fc1.out_channels == 4

@@ -6,10 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 from jax.test_util import check_grads
 
 from attnjax.blocks.primitives import (
+    additive_strip_gate,
     attention_pool,
+    depthwise_taps,
+    directional_pool,
     excitation_mlp,
     global_avg_pool,
     global_max_pool,
@@ -22,6 +26,8 @@ from attnjax.blocks.primitives import (
     resolve_heads,
     sigmoid_gate,
     spatial_softmax,
+    strip_conv,
+    timm_divisible_width,
 )
 from attnjax.validate import InputError
 
@@ -179,3 +185,87 @@ def test_relative_logits_2d_depend_on_offsets_only():
     chex.assert_shape(logits, (2, 4, 5, 4, 5))
     np.testing.assert_allclose(logits[:, 0, 0, 1, 2], logits[:, 2, 1, 3, 3], rtol=1e-6)
     assert not np.allclose(logits[:, 0, 0, 1, 2], logits[:, 0, 0, 2, 1])
+
+
+def test_timm_divisible_width_rounds_as_timm_and_checks_its_options():
+    # make_divisible(C * ratio * factor, divisor, round_limit): to the nearest multiple, at least the divisor
+    assert timm_divisible_width(64, 0.25, None, 8, round_limit=0.9) == 16
+    assert timm_divisible_width(64, 0.25, None, 8, round_limit=0.0, factor=2 / 3) == 8  # 10.7 -> 8
+    assert timm_divisible_width(100, 0.1, None, 8, round_limit=0.9) == 16  # 10 -> 8 < 0.9 * 10: one more 8
+    assert timm_divisible_width(100, 0.1, None, 8, round_limit=0.0) == 8
+    assert timm_divisible_width(64, 0.25, 5, 8, round_limit=0.9) == 5
+    for args, message in [
+        ((0, None, 8), r"^rd_ratio must be > 0, got 0$"),
+        ((0.25, 0, 8), r"^rd_channels must be >= 1 or None, got 0$"),
+        ((0.25, None, 0), r"^rd_divisor must be >= 1, got 0$"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            timm_divisible_width(64, *args, round_limit=0.9)
+
+
+def test_directional_pool_and_additive_strip_gate():
+    x = random_images((2, 3, 5, 4))
+    z_h, z_w = directional_pool(x)
+    np.testing.assert_allclose(z_h, x.mean(axis=2, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(z_w, x.mean(axis=1, keepdims=True), rtol=1e-6)
+    y, gate = additive_strip_gate(x, z_h, z_w, jax.nn.sigmoid)
+    chex.assert_shape(gate, x.shape)
+    np.testing.assert_allclose(gate, 1 / (1 + np.exp(-(np.asarray(z_h) + np.asarray(z_w)))), rtol=1e-6)
+    np.testing.assert_allclose(y, x * gate, rtol=1e-6)
+    gated = lambda x, h, w: additive_strip_gate(x, h, w, jax.nn.sigmoid)
+    check_grads(gated, (x, z_h, z_w), order=1, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
+
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def grouped_conv(x, kernel, padding, strides=(1, 1)):
+    """lax's depthwise conv of NHWC ``x`` with an HWIO (kh, kw, 1, C) ``kernel``."""
+    return lax.conv_general_dilated(
+        x, kernel, strides, padding, dimension_numbers=NHWC, feature_group_count=x.shape[-1]
+    )
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, padding",
+    [
+        ((2, 7, 1, 5), (7, 1), ((3, 3), (0, 0))),  # ela's height strip
+        ((2, 1, 9, 5), (1, 3), ((0, 0), (1, 1))),  # strip's width strip
+        ((1, 1, 1, 3), (7, 1), ((3, 3), (0, 0))),  # a strip shorter than the kernel
+        ((2, 6, 5, 4), (3, 3), ((1, 1), (1, 1))),  # any depthwise 'same' conv
+        ((2, 6, 5, 4), (3, 3), ((2, 0), (0, 2))),  # lopsided padding that keeps the size
+    ],
+)
+def test_depthwise_taps_is_the_grouped_conv_values_and_gradients(shape, kernel, padding):
+    x = random_images(shape)
+    rhs = random_images((*kernel, 1, shape[-1]), seed=1)
+
+    def taps(x, kernel):
+        return depthwise_taps(x, kernel, (1, 1), padding, dimension_numbers=NHWC, feature_group_count=shape[-1])
+
+    taps = jax.jit(taps)
+    np.testing.assert_allclose(taps(x, rhs), grouped_conv(x, rhs, padding), rtol=1e-5, atol=1e-6)
+    check_grads(taps, (x, rhs), order=1, modes=["fwd", "rev"], atol=1e-2, rtol=1e-2)
+
+
+def test_depthwise_taps_passes_other_convs_to_lax():
+    x, rhs = random_images((2, 6, 5, 4)), random_images((3, 3, 4, 2), seed=1)
+    for padding in [((0, 0), (0, 0)), "SAME"]:  # not size-keeping explicit padding; a dense conv
+        got = depthwise_taps(x, rhs, (1, 1), padding, dimension_numbers=NHWC)
+        want = lax.conv_general_dilated(x, rhs, (1, 1), padding, dimension_numbers=NHWC)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    depthwise = random_images((3, 3, 1, 4), seed=2)
+    strided = depthwise_taps(x, depthwise, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC, feature_group_count=4)
+    want = grouped_conv(x, depthwise, ((1, 1), (1, 1)), strides=(2, 2))
+    np.testing.assert_allclose(strided, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis, kernel", [(1, (5, 1, 1, 6)), (2, (1, 5, 1, 6))])
+def test_strip_conv_is_a_depthwise_same_conv_along_one_axis(axis, kernel):
+    strip = random_images((2, 4, 1, 6) if axis == 1 else (2, 1, 4, 6))
+    conv = strip_conv(6, 5, axis, use_bias=True, dtype=None, name="conv")
+    variables = conv.init(jax.random.key(0), strip)
+    chex.assert_shape(variables["params"]["kernel"], kernel)
+    padding = ((2, 2), (0, 0)) if axis == 1 else ((0, 0), (2, 2))
+    want = grouped_conv(strip, variables["params"]["kernel"], padding) + variables["params"]["bias"]
+    np.testing.assert_allclose(conv.apply(variables, strip), want, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,6 @@
-"""Splat (ResNeSt split attention): PyTorch parity in eval and train mode, gradients, radix weights, widths."""
+"""Splat (ResNeSt split attention): PyTorch parity in eval and train mode, gradients, radix weights, widths; and
+timm's ``SplitAttn`` itself (timm 1.0.29) as the reference of the block built with timm's options, as timm's
+ResNeSts use it in place of a 3x3 conv (and with stride 2, out != in, radix 4 and 1, cardinality 2 and 4)."""
 
 import math
 
@@ -18,10 +20,14 @@ from block_harness import (
     load,
     sown_maps,
 )
+from flax import traverse_util
+from timm_reference import import_timm
 from torch import nn
-from torch_reference import random_images, random_variables
+from torch_reference import pytorch_running_var, random_images, random_variables, torch_state_with_stats
 
+from attnjax import blocks
 from attnjax.blocks.splat import SplitAttention, radix_softmax, splat_widths, split_attention
+from attnjax.validate import InputError
 
 pytestmark = pytest.mark.torch
 
@@ -201,3 +207,173 @@ def test_radix_softmax_layout_and_split_attention():
 
 def test_flax_init_and_train_mode_uses_batch_statistics_and_updates_running_averages():
     assert_train_mode_uses_batch_statistics(SplitAttention(), random_images((2, 4, 4, 20), seed=11), "bn0")
+
+
+# --- timm's SplitAttn (timm 1.0.29) as the reference, as timm's ResNeSts build it ----------------------------------
+
+
+class WithWeights(torch.nn.Module):
+    """timm's ``SplitAttn`` returning ``(y, a)``: its radix softmax's output ``a``, caught by a hook."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        caught = []
+        hook = self.layer.rsoftmax.register_forward_hook(lambda module, inputs, output: caught.append(output))
+        try:
+            y = self.layer(x)
+        finally:
+            hook.remove()
+        a = caught[0].reshape(x.shape[0], self.layer.radix, -1)  # radix-major: (N, R, C_out)
+        return y, a
+
+
+def timm_layer(in_channels, variables, extra=None, **timm_options):
+    """timm's ``SplitAttn(in_channels, norm_layer=BatchNorm2d, **timm_options)`` with the block's variables (and
+    ``extra`` tensors of timm's own) loaded, strictly: the same names and shapes, every parameter and buffer."""
+    timm = import_timm()
+    layer = timm.layers.SplitAttn(in_channels, norm_layer=torch.nn.BatchNorm2d, **timm_options)
+    layer.load_state_dict({**torch_state_with_stats(variables), **(extra or {})}, strict=True)
+    return layer
+
+
+# ResNestBottleneck's conv2 (timm/models/resnest.py): SplitAttn(group_width, group_width, kernel_size=3,
+# stride=stride, padding=dilation, dilation=dilation, groups=cardinality, radix=radix, norm_layer=BatchNorm2d).
+# resnest14d/26d/50d: radix 2, cardinality 1, avd=True (the stride moves to an avg pool: the layer is always
+# stride 1, in = out = group_width = 64, 128, 256, 512); resnest50d_4s2x40d: radix 4, cardinality 2 (width 80 at
+# the first stage); resnest50d_1s4x24d: radix 1, cardinality 4 (width 96). Plus timm's layer with stride 2 and
+# out != in (a ResNeSt without avd), a dilated one (output stride 16), and kernel 5 with a conv bias.
+TIMM_CASES = [
+    ("resnest50d-layer1", (2, 8, 8, 64), {}, {}),
+    ("resnest50d-layer2", (2, 6, 6, 128), {}, {}),
+    ("resnest14d-layer3", (2, 4, 5, 256), {}, {}),
+    ("stride2-out128", (2, 9, 9, 64), {"out_channels": 128, "stride": 2}, {"out_channels": 128, "stride": 2}),
+    ("resnest50d_4s2x40d-radix4-groups2", (2, 5, 5, 80), {"radix": 4, "cardinality": 2}, {"radix": 4, "groups": 2}),
+    ("resnest50d_1s4x24d-radix1-groups4", (2, 5, 5, 96), {"radix": 1, "cardinality": 4}, {"radix": 1, "groups": 4}),
+    ("dilated", (2, 7, 7, 64), {"padding": 2, "dilation": 2}, {"padding": 2, "dilation": 2}),
+    ("kernel5-bias-groups2-stride2", (2, 7, 6, 64),
+     {"out_channels": 32, "kernel_size": 5, "stride": 2, "padding": None, "bias": True, "cardinality": 2,
+      "rd_channels": 16},
+     {"out_channels": 32, "kernel_size": 5, "stride": 2, "padding": None, "bias": True, "groups": 2,
+      "rd_channels": 16}),  # padding None: kernel_size // 2 in both
+]  # fmt: skip
+TIMM_IDS = [case[0] for case in TIMM_CASES]
+
+
+def timm_case(shape, options, timm_options, seed):
+    """The block with ResNeSt's conv2 options (``fc1_bias``, timm's widths, padding 1 unless given) and timm's layer."""
+    block = SplitAttention(**{"padding": 1, "fc1_bias": True, "rd_ratio": 0.25, **options})
+    x = random_images(shape, seed=seed)
+    variables = random_variables(block, x, seed + 1, scale_range=(0.5, 2.0))
+    timm_options = {"radix": 2, "kernel_size": 3, "padding": 1, **timm_options}
+    return block, x, variables, timm_layer(shape[-1], variables, **timm_options)
+
+
+def flat_stats(batch_stats) -> dict[str, dict[str, np.ndarray]]:
+    flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(batch_stats)))
+    stats = {}
+    for path, value in flat.items():
+        stats.setdefault(".".join(path[:-1]), {})[path[-1]] = value
+    return stats
+
+
+@pytest.mark.parametrize("case, shape, options, timm_options", TIMM_CASES, ids=TIMM_IDS)
+def test_matches_timms_split_attn_in_eval_mode(case, shape, options, timm_options):
+    block, x, variables, layer = timm_case(shape, options, timm_options, seed=10)
+    y, _ = check_forward(block, x, variables, WithWeights(layer), maps=[("attention", radix_weights)])
+    stride = options.get("stride", 1)
+    chex.assert_shape(
+        y, (shape[0], -(-shape[1] // stride), -(-shape[2] // stride), options.get("out_channels", shape[-1]))
+    )
+
+
+@pytest.mark.parametrize("case, shape, options, timm_options", TIMM_CASES, ids=TIMM_IDS)
+def test_matches_timms_split_attn_in_train_mode_and_running_statistics(case, shape, options, timm_options):
+    """Batch statistics, in float64; the running means and variances after the step equal timm's (PyTorch's
+    unbiased variance converted: bn0 averages N*H'*W' values per channel, bn1 N)."""
+    block, x, variables, layer = timm_case(shape, options, timm_options, seed=20)
+    reference = WithWeights(layer)
+    y, state = check_forward(
+        block, x, variables, reference, maps=[("attention", radix_weights)], train=True, float64=True
+    )
+    n, h, w, _ = y.shape
+    torch_state = layer.state_dict()
+    before = flat_stats(variables["batch_stats"])
+    for name, stats in flat_stats(state["batch_stats"]).items():
+        np.testing.assert_allclose(stats["mean"], torch_state[f"{name}.running_mean"], rtol=1e-5, atol=1e-5)
+        var = pytorch_running_var(stats["var"], before[name]["var"], n if name == "bn1" else n * h * w)
+        np.testing.assert_allclose(var, torch_state[f"{name}.running_var"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("case", ["stride2-out128", "kernel5-bias-groups2-stride2"])
+def test_gradients_match_timms_split_attn(case, train):
+    _, shape, options, timm_options = TIMM_CASES[TIMM_IDS.index(case)]
+    block, x, variables, layer = timm_case(shape, options, timm_options, seed=30)
+    y_shape = jax.eval_shape(lambda: block.apply(variables, x)).shape
+    check_gradients(block, x, variables, layer, random_images(y_shape, seed=31), train=train, float64=True)
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 6, 64), (2, 5, 5, 16), (2, 4, 4, 32), (2, 3, 3, 48)])
+def test_registry_defaults_are_timms_layer_with_a_zero_fc1_bias_for_c_a_multiple_of_16(shape):
+    """The default block is timm's SplitAttn(C, C, radix=2, norm_layer=BatchNorm2d) with fc1's bias zero, for C a
+    multiple of 16 (where attnjax's width max(C // 2, min(2C, 32)) is timm's make_divisible(C / 2, 8, 32))."""
+    block = SplitAttention()
+    x = random_images(shape, seed=40)
+    variables = random_variables(block, x, 41, scale_range=(0.5, 2.0))
+    hidden = variables["params"]["fc1"]["kernel"].shape[-1]
+    layer = timm_layer(shape[-1], variables, extra={"fc1.bias": torch.zeros(hidden)})
+    check_forward(block, x, variables, WithWeights(layer), maps=[("attention", radix_weights)])
+    check_forward(
+        block, x, variables, WithWeights(layer), maps=[("attention", radix_weights)], train=True, float64=True
+    )
+
+
+def test_timm_parameter_names_map_one_to_one():
+    """Every attnjax variable is one of timm's tensors (timm's num_batches_tracked aside), same name and shape."""
+    block = SplitAttention(radix=4, cardinality=2, out_channels=160, stride=2, bias=True, fc1_bias=True, rd_ratio=0.25)
+    variables = jax.eval_shape(block.init, jax.random.key(0), jnp.zeros((1, 8, 8, 80)))
+    ours = {
+        k: tuple(v.shape)
+        for k, v in torch_state_with_stats(jax.tree.map(lambda v: np.zeros(v.shape, v.dtype), variables)).items()
+    }
+    timm = import_timm()
+    layer = timm.layers.SplitAttn(80, 160, stride=2, bias=True, radix=4, groups=2, norm_layer=torch.nn.BatchNorm2d)
+    assert ours == {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert ours["conv.weight"] == (640, 10, 3, 3) and ours["fc1.weight"] == (80, 80, 1, 1)
+
+
+@pytest.mark.parametrize(
+    "channels, radix, cardinality, options, expected",
+    [
+        (64, 2, 1, {"rd_ratio": 0.25}, (1, 2, 32)),  # resnest50d layer1: make_divisible(32, 8, min 32)
+        (512, 2, 1, {"rd_divisor": 8}, (1, 2, 256)),  # layer4
+        (80, 4, 2, {"rd_ratio": 0.25}, (2, 8, 80)),  # resnest50d_4s2x40d
+        (96, 1, 4, {"rd_ratio": 0.25}, (4, 4, 32)),  # resnest50d_1s4x24d: 24 -> at least 32
+        (8, 2, 1, {"rd_ratio": 0.25}, (1, 2, 32)),  # timm's min 32; attnjax's rule gives 16
+        (8, 2, 1, {}, (1, 2, 16)),
+        (64, 2, 1, {"rd_channels": 24}, (1, 2, 48)),  # timm's rd_channels is per split: times R
+        (64, 2, 1, {"rd_ratio": 0.25, "out_channels": 24}, (1, 2, 32)),  # widths from C_in, as timm's
+        (64, 2, 3, {"out_channels": 24}, (3, 2, 33)),  # K divides C_out (24); G = gcd(64, 6); d to a multiple of K
+    ],
+)
+def test_timm_widths(channels, radix, cardinality, options, expected):
+    assert splat_widths(channels, radix, cardinality, **options) == expected
+
+
+def test_mixed_width_rules_are_refused_and_options_parse():
+    with pytest.raises(
+        InputError,
+        match=r"^reduction=8 \(attnjax's width rule\) and rd_ratio/rd_channels/rd_divisor \(timm's\) both set",
+    ):
+        splat_widths(64, 2, 1, 8, rd_ratio=0.25)
+    x = jnp.zeros((1, 4, 4, 16))
+    with pytest.raises(InputError, match=r"^SplitAttention: padding must be >= 0 or None"):
+        jax.eval_shape(SplitAttention(padding=-1).init, jax.random.key(0), x)
+    parsed = blocks.parse_options("splat", ["padding=2", "rd_ratio=0.25", "fc1_bias=true", "out_channels=32"])
+    assert parsed == {"padding": 2, "rd_ratio": 0.25, "fc1_bias": True, "out_channels": 32}
+    block = blocks.factory("splat", out_channels=32, stride=2, fc1_bias=True, rd_ratio=0.25)(name="conv2")
+    y = jax.eval_shape(lambda: block.init_with_output(jax.random.key(0), x)[0])
+    chex.assert_shape(y, (1, 2, 2, 32))

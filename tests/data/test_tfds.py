@@ -131,6 +131,28 @@ def test_a_truncated_original_file_is_named_with_the_fix(tmp_path, shared_data, 
     assert time.monotonic() - start < 60  # checksums are checked before any conversion
 
 
+@pytest.mark.subprocess
+def test_the_command_line_ends_a_truncated_original_file_with_its_one_line_and_no_tensorflow_log(tmp_path, shared_data):
+    manual = copy_of_mnist(shared_data, tmp_path / "manual")
+    with open(manual / "train-images-idx3-ubyte.gz", "r+b") as f:
+        f.truncate(100_000)
+    env = {key: value for key, value in os.environ.items() if key not in tfds_source.TF_QUIET}
+    env[tfds_source.OFFLINE_VARIABLE] = "1"
+    command = ["--dataset", "mnist", "--data-dir", str(tmp_path / "d"), "--manual-dir", str(manual)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnjax.train", *command, "--workdir", str(tmp_path / "w")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "damaged or truncated" in last, proc.stderr
+    assert "Traceback" not in proc.stderr and "oneDNN" not in proc.stderr and "absl" not in proc.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_folder_in_place_of_an_original_file_is_refused(tmp_path, shared_data, monkeypatch):
     monkeypatch.setenv(tfds_source.OFFLINE_VARIABLE, "1")
     manual = copy_of_mnist(shared_data, tmp_path / "manual")

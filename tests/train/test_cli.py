@@ -11,7 +11,7 @@ import pytest
 
 from attnjax import ops, xla_options
 from attnjax.train import TIMING_FIELDS, cli
-from attnjax.train.config import Config
+from attnjax.train.config import REGISTRY_KEY, Config
 from attnjax.train.workdir import Workdir
 
 pytestmark = [pytest.mark.subprocess, pytest.mark.slow]
@@ -222,7 +222,7 @@ def test_a_runs_config_json_and_well_typed_values_are_accepted(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     Workdir(str(run)).write_config(recorded, RUN_DESCRIPTION)
-    assert set(json.loads((run / "config.json").read_text())) == {"config", *RUN_DESCRIPTION}
+    assert set(json.loads((run / "config.json").read_text())) == {"config", REGISTRY_KEY, *RUN_DESCRIPTION}
     config, workdir, _ = cli.parse_args(["--config", str(run / "config.json"), "--workdir", "w"])
     assert config == recorded and workdir == "w"
     # Flags still override the file's values, and only theirs.
