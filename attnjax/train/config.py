@@ -15,6 +15,9 @@ def _option(default, help: str, parse=None):
     return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
 
 
+DEFAULT_BLOCK = "seed"  # the block of a run whose model has no attention of its own (attention_net, cifar_resnet*)
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Hyperparameters of one training run. The CLI exposes each field as ``--field-name``."""
@@ -25,7 +28,13 @@ class Config:
         "or a TFDS image-classification dataset (mnist, fashion_mnist, cifar10, ...)",
     )
     model: str = _option("attention_net", "network that hosts the attention block")
-    block: str = _option("seed", "attention block inside the model ('none' for the baseline)")
+    block: str | None = _option(
+        None,
+        "attention block inside the model ('none' for the baseline); default: the model's own, with its options "
+        "(timm's networks: se in seresnet*/seresnext*, eca in ecaresnet*, none in resnet*/resnext*), seed in "
+        "attnjax's attention_net and cifar_resnet*",
+        parse=str,
+    )
     block_option: tuple = _option(
         (),
         "an option of the block as KEY=VALUE, repeatable: --block cbam --block-option reduction=8 "
@@ -98,6 +107,16 @@ class Config:
     )
     process_id: int | None = _option(None, "multi-host: this process's index (or $ATTNJAX_PROCESS_ID)", parse=int)
 
+    def __post_init__(self):
+        # No --block: the model's own attention (models.default_block), its options before any --block-option,
+        # or attnjax's trainer default "seed" for a model without one of its own. Resolved here, so the config
+        # recorded (and compared on resume) names the block that trained.
+        if self.block is None:
+            name, options = models.default_block(self.model) or (DEFAULT_BLOCK, {})
+            given = tuple(self.block_option) if isinstance(self.block_option, (tuple, list)) else self.block_option
+            object.__setattr__(self, "block", name)
+            object.__setattr__(self, "block_option", tuple(f"{k}={v}" for k, v in options.items()) + given)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -121,6 +140,9 @@ class Config:
         which is what that run trained with.
         """
         defaults = {field.name: field.default for field in dataclasses.fields(self)}
+        if "block" not in other:  # the block the saved model's default resolves to (Config.__post_init__)
+            resolved = Config(model=other.get("model", defaults["model"]), block_option=())
+            defaults["block"], defaults["block_option"] = resolved.block, resolved.block_option
         # JSON turns tuples into lists: compare repeatable options as tuples.
         saved = {
             name: tuple(value) if isinstance(value, list) else value
@@ -132,7 +154,9 @@ class Config:
                 line = f"--{name.replace('_', '-')}: the run has {saved[name]!r}, this command {getattr(self, name)!r}"
                 renamed_from = {new: old for old, new in models.RENAMED.items()}.get(saved[name])
                 if name == "model" and renamed_from == self.model:
-                    line += f" (the run's {renamed_from!r} is now named {saved[name]!r}; {self.model!r} is timm's network)"
+                    line += (
+                        f" (the run's {renamed_from!r} is now named {saved[name]!r}; {self.model!r} is timm's network)"
+                    )
                 lines.append(line)
         return lines
 

@@ -223,7 +223,7 @@ class Recipe:
         )
         dtype = precision.compute_dtype(config.dtype)
         options = xla_options.compiler_options(config.xla_options)  # jit only; pmap reads XLA_FLAGS (set by the CLI)
-        step = functools.partial(train_step, dtype=dtype, microbatches=config.grad_accum)
+        step = functools.partial(train_step, dtype=dtype, microbatches=config.grad_accum, seed=config.seed)
         return cls(
             config=config,
             dataset=dataset,

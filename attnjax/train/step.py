@@ -63,8 +63,18 @@ def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+DROPOUT_RNG = "dropout"  # the PRNG stream a model's stochastic layers draw from in training (Flax's usual name)
+
+
+def step_key(seed: int, step: jax.Array, axis_name: str | None = None) -> jax.Array:
+    """The ``'dropout'`` key of optimizer step ``step``: a function of the run's seed and the step alone (so a
+    resumed run draws what the uninterrupted one would), and of the device's index along ``axis_name``."""
+    key = jax.random.fold_in(jax.random.key(seed), step)
+    return key if axis_name is None else jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+
+
 def train_step(
-    state: TrainState, batch: dict, axis_name: str | None = None, *, dtype=None, microbatches: int = 1
+    state: TrainState, batch: dict, axis_name: str | None = None, *, dtype=None, microbatches: int = 1, seed: int = 0
 ) -> tuple[TrainState, dict]:
     """One optimizer step on ``batch``; with ``axis_name``, gradients and metrics are averaged over it.
 
@@ -78,12 +88,20 @@ def train_step(
     whole batch, with a Nth of the activation memory (batch-norm statistics are then per
     microbatch). Batch-norm statistics need no averaging over ``axis_name``:
     ``layers.batch_norm`` already normalises over the whole axis.
+
+    The model is given a PRNG stream ``'dropout'`` (stochastic depth, dropout: ``drop_path_rate`` in timm's
+    ResNets), keyed by ``seed``, the step, the device along ``axis_name`` and the microbatch
+    (:func:`step_key`); a model without stochastic layers ignores it.
     """
     scale = 1.0 if state.loss_scale is None else state.loss_scale.scale
 
-    def loss_fn(params, batch_stats, micro):
+    key = step_key(seed, state.step, axis_name)
+
+    def loss_fn(params, batch_stats, micro, key):
         variables = {"params": precision.cast_floats(params, dtype), "batch_stats": batch_stats}
-        logits, updates = state.apply_fn(variables, micro["image"].astype(dtype), train=True, mutable=["batch_stats"])
+        logits, updates = state.apply_fn(
+            variables, micro["image"].astype(dtype), train=True, mutable=["batch_stats"], rngs={DROPOUT_RNG: key}
+        )
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # the loss in >= float32
         loss = cross_entropy_loss(logits, micro["label"])
         accuracy = jnp.mean(jnp.argmax(logits, -1) == micro["label"])
@@ -91,17 +109,22 @@ def train_step(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if microbatches == 1:
-        (_, (loss, accuracy, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
+        (_, (loss, accuracy, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, key)
     else:
 
-        def accumulate(carry, micro):
+        def accumulate(carry, inputs):
             grads_sum, batch_stats = carry
-            (_, (loss, accuracy, batch_stats)), grads = grad_fn(state.params, batch_stats, micro)
+            index, micro = inputs
+            (_, (loss, accuracy, batch_stats)), grads = grad_fn(
+                state.params, batch_stats, micro, jax.random.fold_in(key, index)
+            )
             return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), (loss, accuracy)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         (grads, batch_stats), (losses, accuracies) = jax.lax.scan(
-            accumulate, (zeros, state.batch_stats), split_microbatches(batch, microbatches)
+            accumulate,
+            (zeros, state.batch_stats),
+            (jnp.arange(microbatches), split_microbatches(batch, microbatches)),
         )
         grads = jax.tree.map(lambda g: g / microbatches, grads)
         loss, accuracy = losses.mean(), accuracies.mean()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from timm_reference import TIMM_VERSION, import_timm
 
 

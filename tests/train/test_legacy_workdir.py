@@ -87,3 +87,33 @@ def test_a_workdir_of_the_old_trainer_continues_bit_identically(tmp_path):
         assert line.keys() == reference.keys()
         for key, value in reference.items():
             np.testing.assert_allclose(line[key], value, rtol=1e-6, err_msg=key)
+
+
+@pytest.mark.subprocess
+def test_the_old_command_with_model_resnet18_is_refused_naming_cifar_resnet18(tmp_path):
+    """``resnet18`` is timm's network now: the legacy run's own command line gets one line with the new name."""
+    workdir = tmp_path / "legacy"
+    shutil.copytree(LEGACY / "workdir", workdir)
+    before = {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()}
+    config = json.loads((LEGACY / "workdir" / "config.json").read_text())["config"]
+    assert config["model"] == "resnet18" and config["model_option"] == ["stage_sizes=1"]
+    command = [
+        "--model",
+        "resnet18",
+        "--block",
+        "se",
+        "--block-option",
+        "reduction=8",
+        "--model-option",
+        "stage_sizes=1",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnjax.train", *command, "--epochs", "2", "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "pass --model cifar_resnet18" in proc.stderr and "stage_sizes" in proc.stderr
+    assert {p: p.read_bytes() for p in sorted(workdir.rglob("*")) if p.is_file()} == before
