@@ -51,9 +51,10 @@ from attnjax.blocks.primitives import (
     global_avg_pool,
     global_max_pool,
     reduced_channels,
+    refuse_both_width_rules,
     timm_reduced_channels,
 )
-from attnjax.validate import InputError, check_nhwc
+from attnjax.validate import check_nhwc
 
 TIMM_RD_RATIO = 1 / 16  # timm's SEModule defaults, used once one of its width options is given
 TIMM_RD_DIVISOR = 8
@@ -67,11 +68,7 @@ def se_width(
     ``rd_channels``, ``rd_divisor`` is given (the others then take timm's SE defaults 1/16 and 8)."""
     if rd_ratio is None and rd_channels is None and rd_divisor is None:
         return reduced_channels(channels, reduction)
-    if reduction != DEFAULT_REDUCTION:
-        raise InputError(
-            f"reduction={reduction} (attnjax's width rule) and rd_ratio/rd_channels/rd_divisor (timm's) both set the "
-            "hidden width; give one of them"
-        )
+    refuse_both_width_rules(reduction=(reduction, DEFAULT_REDUCTION))
     return timm_reduced_channels(
         channels,
         TIMM_RD_RATIO if rd_ratio is None else rd_ratio,

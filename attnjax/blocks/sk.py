@@ -109,7 +109,13 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.primitives import block_batch_norm, make_divisible, odd_size, reduced_channels
+from attnjax.blocks.primitives import (
+    block_batch_norm,
+    make_divisible,
+    odd_size,
+    reduced_channels,
+    refuse_both_width_rules,
+)
 from attnjax.layers import BATCH_AXIS
 from attnjax.ops.grouped_conv import grouped_conv
 from attnjax.validate import InputError, check_nhwc
@@ -205,12 +211,7 @@ def sk_widths(
     conv_groups = sk_groups(math.gcd(path_in, out_channels), groups)
     if rd_ratio is None and rd_channels is None and rd_divisor is None:
         return path_in, conv_groups, reduced_channels(out_channels, reduction, min_channels)
-    if reduction != 16 or min_channels != 32:
-        given = [f"{k}={v}" for k, v, d in (("reduction", reduction, 16), ("min_channels", min_channels, 32)) if v != d]
-        raise InputError(
-            f"{', '.join(given)} (attnjax's width rule) and rd_ratio/rd_channels/rd_divisor (timm's) both set the "
-            f"hidden width; give one of them"
-        )
+    refuse_both_width_rules(reduction=(reduction, 16), min_channels=(min_channels, 32))
     if rd_channels is not None:
         if rd_channels < 1:
             raise InputError(f"rd_channels must be >= 1 or None, got {rd_channels}")

@@ -104,7 +104,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import block_batch_norm, make_divisible, odd_size, reduced_channels
+from attnjax.blocks.primitives import (
+    block_batch_norm,
+    make_divisible,
+    odd_size,
+    reduced_channels,
+    refuse_both_width_rules,
+)
 from attnjax.layers import BATCH_AXIS
 from attnjax.ops.grouped_conv import grouped_conv
 from attnjax.validate import InputError, check_nhwc
@@ -143,17 +149,13 @@ def splat_widths(
     k = max(g for g in range(1, min(cardinality, out_channels) + 1) if out_channels % g == 0)
     if rd_ratio is None and rd_channels is None and rd_divisor is None:
         hidden = reduced_channels(radix * channels, reduction, min_channels)
-    elif reduction != 4 or min_channels != 32:
-        given = [f"{k}={v}" for k, v, d in (("reduction", reduction, 4), ("min_channels", min_channels, 32)) if v != d]
-        raise InputError(
-            f"{', '.join(given)} (attnjax's width rule) and rd_ratio/rd_channels/rd_divisor (timm's) both set the "
-            f"hidden width; give one of them"
-        )
     elif rd_channels is not None:
+        refuse_both_width_rules(reduction=(reduction, 4), min_channels=(min_channels, 32))
         if rd_channels < 1:
             raise InputError(f"rd_channels must be >= 1 or None, got {rd_channels}")
         hidden = rd_channels * radix
     else:
+        refuse_both_width_rules(reduction=(reduction, 4), min_channels=(min_channels, 32))
         if rd_ratio is not None and not rd_ratio > 0:
             raise InputError(f"rd_ratio must be > 0 or None, got {rd_ratio}")
         if rd_divisor is not None and rd_divisor < 1:

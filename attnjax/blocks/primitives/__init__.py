@@ -59,6 +59,7 @@ from attnjax.blocks.primitives.widths import (  # noqa: F401
     make_divisible,
     odd_size,
     reduced_channels,
+    refuse_both_width_rules,
     resolve_heads,
     sigmoid_gate,
     timm_divisible_width,

@@ -79,6 +79,17 @@ def timm_reduced_channels(channels: int, rd_ratio: float, rd_channels: int | Non
     return make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
 
 
+def refuse_both_width_rules(**attnjax_options: tuple[int, int]) -> None:
+    """Called once one of timm's ``rd_ratio``/``rd_channels``/``rd_divisor`` is given: attnjax's width options
+    (``name=(value, default)``) must then be at their defaults, or both rules would set the hidden width."""
+    given = [f"{name}={value}" for name, (value, default) in attnjax_options.items() if value != default]
+    if given:
+        raise InputError(
+            f"{', '.join(given)} (attnjax's width rule) and rd_ratio/rd_channels/rd_divisor (timm's) both set the "
+            "hidden width; give one of them"
+        )
+
+
 def bottleneck_width(
     channels: int,
     reduction: int,
@@ -97,11 +108,7 @@ def bottleneck_width(
     """
     if rd_ratio is None and rd_channels is None and rd_divisor is None:
         return reduced_channels(channels, reduction)
-    if reduction != default_reduction:
-        raise InputError(
-            f"reduction={reduction} (attnjax's width rule) and rd_ratio/rd_channels/rd_divisor (timm's) both set the "
-            f"hidden width; give one of them"
-        )
+    refuse_both_width_rules(reduction=(reduction, default_reduction))
     ratio = timm_ratio if rd_ratio is None else rd_ratio
     return timm_reduced_channels(channels, ratio, rd_channels, 1 if rd_divisor is None else rd_divisor)
 
