@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax import data, train
+from attnjax import train
 from attnjax.data.augment import normalize
 from attnjax.data.dataset import to_unit_range
 from attnjax.data.images import resize_center_crop
@@ -116,9 +116,7 @@ def load_run(workdir: str):
     model = train.create_model(config, described["num_classes"])  # the code that built the model it trained
     template = model.init(jax.random.key(0), jnp.zeros((1, *described["image_shape"]), jnp.float32), train=False)
     variables = train.checkpoint.load_variables(workdir, template)
-    dataset = data.load(
-        config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir, image_size=config.image_size or None
-    )
+    dataset = train.load_dataset(config, train.init_from.preprocessing(run))  # as it trained, without the weights
     return model, variables, run, dataset
 
 

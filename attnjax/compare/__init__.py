@@ -335,9 +335,7 @@ def run_study(
     check_path_characters(workdir)
     check_runs(base, entries, seeds, workdir)
     # The dataset's refusals (a missing folder, a batch larger than the set) come before the study's first file.
-    dataset = data.load(
-        base.dataset, data_dir=base.data_dir, manual_dir=base.manual_dir, image_size=base.image_size or None
-    )
+    dataset = train.load_dataset(base)
     steps_per_run = base.epochs * data.pipeline.steps_per_epoch(len(dataset.train), base.batch_size * base.grad_accum)
     write_study_file(workdir, base, entries, seeds, command)
     costs = load_costs(workdir, base, entries, dataset, repeats, progress, say=say)

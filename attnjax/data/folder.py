@@ -22,6 +22,7 @@ wrongly sized file stops the run before training, with the file named.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections import Counter
 from pathlib import Path
@@ -42,9 +43,12 @@ NO_EXTENSION = "(no extension)"
 class FolderSource:
     """Image files with their class indices, decoded on demand."""
 
-    def __init__(self, files: list[Path], labels: list[int], channels: int, image_size: int | None, expected_shape):
+    def __init__(
+        self, files: list[Path], labels: list[int], channels: int, image_size: int | None, expected_shape, resize=None
+    ):
         self.files, self.labels = files, np.asarray(labels, np.int32)
         self.channels, self.image_size, self.expected_shape = channels, image_size, expected_shape
+        self.resize = resize or (functools.partial(resize_center_crop, size=image_size) if image_size else None)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -52,8 +56,8 @@ class FolderSource:
     def read(self, i: int) -> np.ndarray:
         path = str(self.files[i])
         image = decode_image(path, self.channels, path)
-        if self.image_size:
-            return resize_center_crop(image, self.image_size)
+        if self.resize:
+            return self.resize(image)
         if image.shape != self.expected_shape:
             raise InputError(
                 f"image {path} is {image.shape[1]}x{image.shape[0]}, but the dataset's images are "
@@ -234,8 +238,12 @@ def scan(path: str | Path) -> Listing:
     return listing
 
 
-def load(path: str, *, image_size: int | None = None) -> Dataset:
-    """Read a folder dataset (see the module's docstring); prints one line to stderr on what it read and skipped."""
+def load(path: str, *, image_size: int | None = None, test_resize=None) -> Dataset:
+    """Read a folder dataset (see the module's docstring); prints one line to stderr on what it read and skipped.
+
+    ``test_resize`` (a uint8 image to a uint8 ``image_size`` x ``image_size`` image, such as a pretrained eval
+    transform's resize and crop) replaces the shorter-side resize and centre crop for the test split.
+    """
     listing = scan(path)
     root, classes = listing.root, listing.classes
     print(listing.note(), file=sys.stderr, flush=True)
@@ -249,7 +257,8 @@ def load(path: str, *, image_size: int | None = None) -> Dataset:
         shape = first.shape
 
     def source(split):
-        src = FolderSource(listing.files[split], listing.labels[split], channels, image_size, shape)
+        resize = test_resize if split == "test" else None
+        src = FolderSource(listing.files[split], listing.labels[split], channels, image_size, shape, resize)
         fits = len(src) * int(np.prod(shape)) <= IN_MEMORY_BYTES
         return load_into_memory(src, f"reading {root.name} {split} images") if fits else src
 

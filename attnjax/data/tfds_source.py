@@ -63,10 +63,11 @@ def _import_tfds():
 class TfdsSource:
     """A split of a prepared TFDS dataset, read in batches through ``as_data_source``."""
 
-    def __init__(self, data_source, image_key: str, label_key: str, image_size: int | None):
+    def __init__(self, data_source, image_key: str, label_key: str, image_size: int | None, resize=None):
         self.data_source = data_source
         self.image_key, self.label_key = image_key, label_key
         self.image_size = image_size
+        self.resize = resize or (functools.partial(resize_center_crop, size=image_size) if image_size else None)
 
     def __len__(self) -> int:
         return len(self.data_source)
@@ -74,8 +75,8 @@ class TfdsSource:
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         records = self.data_source.__getitems__([int(i) for i in indices])
         images = [r[self.image_key] for r in records]
-        if self.image_size:
-            images = [resize_center_crop(image, self.image_size) for image in images]
+        if self.resize:
+            images = [self.resize(image) for image in images]
         return {"image": np.stack(images), "label": np.asarray([r[self.label_key] for r in records], np.int32)}
 
 
@@ -234,8 +235,10 @@ def _checksum_error(message: str, builder, name: str, manual_dir: str | None) ->
     )
 
 
-def load(name: str, *, data_dir: str | None, manual_dir: str | None, image_size: int | None) -> Dataset:
-    """Load TFDS dataset ``name``, preparing it first if needed."""
+def load(
+    name: str, *, data_dir: str | None, manual_dir: str | None, image_size: int | None, test_resize=None
+) -> Dataset:
+    """Load TFDS dataset ``name``, preparing it first if needed; ``test_resize`` as in :func:`.folder.load`."""
     tfds = _import_tfds()
     try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
@@ -267,7 +270,8 @@ def load(name: str, *, data_dir: str | None, manual_dir: str | None, image_size:
         raise InputError(f"{name} has splits {list(info.splits)}; attnjax needs 'train' and 'test' (or 'validation')")
 
     def source(split):
-        src = TfdsSource(builder.as_data_source(split=split), image_key, label_key, size)
+        resize = test_resize if split != TRAIN_SPLIT else None
+        src = TfdsSource(builder.as_data_source(split=split), image_key, label_key, size, resize)
         decoded = len(src) * int(np.prod(image_shape))
         return load_into_memory(src, f"reading {name} {split} into memory") if decoded <= IN_MEMORY_BYTES else src
 

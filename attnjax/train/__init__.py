@@ -20,7 +20,7 @@ Its rooms, each named for what it owns:
 The library (``attnjax.blocks``, ``models``, ``layers``, ``ops``, ``data``) never imports it.
 """
 
-from attnjax.train import checkpoint, optim, parallel, precision, preemption
+from attnjax.train import checkpoint, init_from, optim, parallel, precision, preemption
 from attnjax.train.checkpoint import CheckpointError, Checkpoints
 from attnjax.train.config import TRAJECTORY_FIELDS, Config, recorded_config
 from attnjax.train.hooks.nan_guard import TrainingDiverged
@@ -35,6 +35,7 @@ from attnjax.train.recipe import (
     create_model,
     create_optimizer,
     learning_rate_schedule,
+    load_dataset,
     warmup_steps,
 )
 from attnjax.train.step import (
@@ -72,7 +73,9 @@ __all__ = [
     "eval_step",
     "evaluate",
     "format_duration",
+    "init_from",
     "learning_rate_schedule",
+    "load_dataset",
     "optim",
     "parallel",
     "precision",

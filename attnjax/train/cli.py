@@ -79,7 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The keys a run's config.json holds beside "config" (Workdir.write_config: Recipe.run_description).
 # Three of them share an option's name; in a run's file they are what the run resolved, not options.
-RUN_KEYS = ("registry", "augment", "devices", "processes", "jax", "dataset", "xla_options", "formulations")
+RUN_KEYS = (
+    "registry",
+    "augment",
+    "devices",
+    "processes",
+    "jax",
+    "dataset",
+    "xla_options",
+    "formulations",
+    "pretrained",
+)
 
 
 def load_config_file(path: str) -> dict:

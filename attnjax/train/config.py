@@ -64,8 +64,23 @@ class Config:
     )
     clip_grad_norm: float = _option(0.0, "scale the gradients down to this global norm when above it (0: off)")
     seed: int = _option(0, "seed for parameter initialisation, the order of training batches and augmentation")
-    augment: str = _option("auto", "training augmentation: auto (the dataset's default), none, crop, flip or crop+flip")
-    image_size: int = _option(0, "resize TFDS and folder images to N x N (shorter side, centre crop); 0 keeps them")
+    init_from: str | None = _option(
+        None,
+        "start from timm's pretrained weights of --model: a .safetensors/.pth/.bin file, a hub-snapshot folder or a "
+        "hub id (timm/seresnet50.ra2_in1k); a classifier of another class count is new, and the dataset takes "
+        "the weights' preprocessing (size, eval crop, mean/std)",
+        parse=str,
+    )
+    augment: str = _option(
+        "auto",
+        "training augmentation: auto (the dataset's default; rrc+flip with --init-from), none, crop (pad and "
+        "shift), flip, crop+flip, rrc (timm's random-resized crop) or rrc+flip",
+    )
+    image_size: int = _option(
+        0,
+        "resize TFDS and folder images to N x N (shorter side, centre crop); 0 keeps them (with --init-from: "
+        "the weights' size)",
+    )
     data_dir: str | None = _option(None, "TFDS data_dir: where TFDS datasets are prepared and read", parse=str)
     manual_dir: str | None = _option(
         None, "folder with a TFDS dataset's original files, to prepare it with no network", parse=str
@@ -274,6 +289,7 @@ TRAJECTORY_FIELDS = (
     "augment",
     "image_size",
     "parallel",
+    "init_from",
 )
 
 

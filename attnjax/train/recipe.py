@@ -21,7 +21,8 @@ import jax
 import optax
 
 from attnjax import blocks, data, models, ops, xla_options
-from attnjax.train import optim, parallel, precision
+from attnjax.data.pretrained_transforms import PretrainedConfig
+from attnjax.train import init_from, optim, parallel, precision
 from attnjax.train.config import Config
 from attnjax.train.hooks.profiler import parse_steps
 from attnjax.train.hooks.tensorboard import check_available as check_tensorboard
@@ -128,6 +129,24 @@ def check_config(config: Config) -> None:
         if getattr(config, name) not in valid:
             _refuse(name, getattr(config, name), f"valid: {', '.join(valid)}")
     parse_block_and_model_options(config)
+    init_from.check(config)
+
+
+def load_dataset(config: Config, preprocessing: PretrainedConfig | None = None) -> data.Dataset:
+    """``config``'s dataset, as the run trains on it; with ``--init-from``, as its weights expect it.
+
+    ``preprocessing`` is the weights' (read from ``config.init_from`` when not given); whatever
+    rebuilds a run's dataset (``viz``, ``evaluate --workdir``, a study) goes through here.
+    """
+    if config.init_from and preprocessing is None:
+        preprocessing = init_from.read(config).config
+    return data.load(
+        config.dataset,
+        data_dir=config.data_dir,
+        manual_dir=config.manual_dir,
+        image_size=config.image_size or None,
+        pretrained=preprocessing if config.init_from else None,
+    )
 
 
 def _check_optimizer(config: Config) -> None:
@@ -185,19 +204,18 @@ class Recipe:
     state: TrainState
     train_step: Callable = dataclasses.field(repr=False)  # (state, device batch) -> (state, metrics), donating
     eval_step: Callable = dataclasses.field(repr=False)  # (state, device batch) -> sums
+    pretrained: PretrainedConfig | None = None  # with --init-from: the weights' preprocessing
+    init_note: str = ""  # with --init-from: what a fresh start loaded (printed only then)
+    init_record: dict | None = None
 
     @classmethod
     def build(
         cls, config: Config, devices: Sequence[jax.Device], num_devices: int, dataset: data.Dataset | None = None
     ) -> Recipe:
-        """``dataset`` is ``config.dataset`` already loaded, or ``None`` to load it."""
+        """``dataset`` is ``config.dataset`` already loaded (:func:`load_dataset`), or ``None`` to load it."""
+        loaded = init_from.read(config)
         if dataset is None:
-            dataset = data.load(
-                config.dataset,
-                data_dir=config.data_dir,
-                manual_dir=config.manual_dir,
-                image_size=config.image_size or None,
-            )
+            dataset = load_dataset(config, loaded.config if loaded else None)
         update_batch = config.batch_size * config.grad_accum
         steps_per_epoch = data.pipeline.steps_per_epoch(len(dataset.train), update_batch)
         profile_steps = parse_steps(config.profile_steps)
@@ -221,6 +239,9 @@ class Recipe:
             loss_scaling=precision.needs_loss_scaling(config.dtype),
             tx=create_optimizer(config, schedule),
         )
+        init_note, init_record = "", None
+        if loaded is not None:
+            state, init_note, init_record = init_from.initialise(state, loaded, config.init_from)
         dtype = precision.compute_dtype(config.dtype)
         options = xla_options.compiler_options(config.xla_options)  # jit only; pmap reads XLA_FLAGS (set by the CLI)
         step = functools.partial(train_step, dtype=dtype, microbatches=config.grad_accum, seed=config.seed)
@@ -240,6 +261,9 @@ class Recipe:
             eval_step=parallel.wrap_step(
                 functools.partial(eval_step, dtype=dtype), devices, config.parallel, compiler_options=options
             ),
+            pretrained=loaded.config if loaded else None,
+            init_note=init_note,
+            init_record=init_record,
         )
 
     def replicate(self, state: TrainState) -> TrainState:
@@ -271,4 +295,5 @@ class Recipe:
             "dataset": self.dataset.describe(),
             "xla_options": xla_options.applied(self.config.xla_options),  # what XLA:CPU compiled with
             "formulations": ops.chosen(),  # which formulation each backend-dependent op traced
+            **init_from.describe(self.init_record, self.pretrained),
         }

@@ -94,7 +94,7 @@ def natural_images(n=8, h=12, w=10, c=3, dtype=np.uint8):
     return rng.uniform(0.01, 1, (n, h, w, c)).astype(dtype)
 
 
-@pytest.mark.parametrize("mode", ["crop", "flip", "crop+flip"])
+@pytest.mark.parametrize("mode", ["crop", "flip", "crop+flip", "rrc", "rrc+flip"])
 @pytest.mark.parametrize("dtype", [np.uint8, np.float32])
 def test_augmentation_keeps_shapes_and_dtypes(mode, dtype):
     images = natural_images(dtype=dtype)
@@ -152,3 +152,44 @@ def test_too_large_update_batch_advice_names_grad_accum():
         data.pipeline.steps_per_epoch(1437, 128 * 20)
     message = str(error.value)
     assert "2560" in message and "1437" in message and "--grad-accum" in message and "--batch-size" in message
+
+
+@pytest.mark.parametrize("height, width", [(12, 10), (224, 224), (20, 200), (200, 20)])
+def test_resized_crop_boxes_are_timms_area_and_aspect_ranges_inside_the_image(height, width):
+    rng = np.random.default_rng(5)
+    boxes = [augment.resized_crop_box(height, width, rng) for _ in range(400)]
+    for top, left, h, w in boxes:
+        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h > 0 and w > 0
+    if height == width == 224:  # no rounding to speak of: the draws span timm's ranges
+        area = np.array([h * w for _, _, h, w in boxes]) / (height * width)
+        aspect = np.array([w / h for _, _, h, w in boxes])
+        assert area.min() >= 0.079 and area.max() <= 1 and area.min() < 0.15 and area.max() > 0.9
+        assert aspect.min() >= 0.74 and aspect.max() <= 1.35 and aspect.min() < 0.8 and aspect.max() > 1.25
+    if width / height > 4 / 3 * 2:  # very wide: most draws fit, none is wider than 4:3 allows after rounding
+        assert all(w / h <= 4 / 3 + 0.2 for _, _, h, w in boxes)
+
+
+def test_the_centre_fallback_keeps_the_nearest_aspect_ratio():
+    class Misses:  # every draw asks for the whole area at ratio 4:3, which a 10 x 100 strip cannot hold
+        def uniform(self, low, high):
+            return high
+
+        def integers(self, low, high):
+            raise AssertionError("a crop that fits was drawn")
+
+    assert augment.resized_crop_box(10, 100, Misses()) == (0, (100 - 13) // 2, 10, 13)
+
+
+def test_random_resized_crop_is_pillows_resize_of_the_drawn_box():
+    from PIL import Image
+
+    images = natural_images(n=6, h=20, w=16)
+    out = augment.random_resized_crop(images, np.random.default_rng(8))
+    rng = np.random.default_rng(8)
+    for image, got in zip(images, out, strict=True):
+        top, left, h, w = augment.resized_crop_box(20, 16, rng)
+        box = (left, top, left + w, top + h)
+        want = np.asarray(Image.fromarray(image).resize((16, 20), Image.BILINEAR, box=box))
+        np.testing.assert_array_equal(got, want)
+    floats = augment.random_resized_crop(images.astype(np.float32) / 255, np.random.default_rng(8))
+    np.testing.assert_allclose(floats, out / 255, atol=1 / 255 + 1e-6)  # the same crops, without uint8 rounding

@@ -50,6 +50,8 @@ def restore_position(recipe, checkpoints: Checkpoints, progress, workdir) -> tup
                 f"attnjax: no checkpoint yet in {workdir.path}; the interrupted run had reached step {reached}: "
                 "starting over"
             )
+        if recipe.init_note:  # a resumed run's variables are its checkpoint's: the note is for a fresh start
+            workdir.say(recipe.init_note, flush=True)
         return recipe.state, Position(recipe.steps_per_epoch)
     state, record = restored
     position = Position.from_record(record, recipe.steps_per_epoch)
@@ -58,7 +60,9 @@ def restore_position(recipe, checkpoints: Checkpoints, progress, workdir) -> tup
         lost = f"; the interrupted run had reached step {reached}: {max(reached - record['step'], 0)} steps lost"
     if record["devices"] != recipe.num_devices:
         moved = f"; written on {record['devices']} devices, continuing on {recipe.num_devices} (equal to rounding)"
-    compiled = recorded_config(record).get("xla_options", "tuned")  # a record from before the option: XLA_OPTIONS' default
+    compiled = recorded_config(record).get(
+        "xla_options", "tuned"
+    )  # a record from before the option: XLA_OPTIONS' default
     if compiled != recipe.config.xla_options and jax.default_backend() == "cpu":
         moved += (
             f"; written with --xla-options {compiled}, continuing with {recipe.config.xla_options}: the trajectory "
