@@ -9,6 +9,10 @@ Every block is called as ``block(x, train=False)`` on NHWC ``x``: it takes its c
 count from the input, returns the input's shape, and sows its attention map(s) under the
 ``intermediates`` collection. ``train`` selects batch statistics in blocks with batch norm.
 
+Precision: with a low-precision ``dtype`` every softmax of attention logits is computed in float32 and every
+sown map is float32 (``primitives/precision.py``: ``softmax_in_float32``, ``sow_map``); the weights are cast
+to the compute dtype for the product with the values.
+
 Hosts (the models) take a block *factory*, not a built block: ``blocks.factory("cbam",
 reduction=8)`` is a ``functools.partial`` of the class with checked options, and the host
 calls it once per site (with its own ``name`` and ``dtype``). ``blocks.options("cbam")`` lists

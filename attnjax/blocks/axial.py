@@ -72,7 +72,11 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.primitives import resolve_heads
+from attnjax.blocks.primitives import (
+    resolve_heads,
+    softmax_in_float32,
+    sow_map,
+)
 from attnjax.validate import InputError, check_nhwc
 
 
@@ -106,8 +110,9 @@ def axial_attention_1d(
         + jnp.einsum("bogc,bopc->bgop", q, rq)
         + jnp.einsum("bpgc,bopc->bgop", k, rk)
     )
-    a = jax.nn.softmax(logits, axis=-1)
-    y = jnp.einsum("bgop,bpgc->bogc", a, v) + jnp.einsum("bgop,bopc->bogc", a, rv)
+    a = softmax_in_float32(logits)  # the map, float32; the products in the logits' dtype
+    w = a.astype(logits.dtype)
+    y = jnp.einsum("bgop,bpgc->bogc", w, v) + jnp.einsum("bgop,bopc->bogc", w, rv)
     return y, a
 
 
@@ -199,7 +204,7 @@ class AxialAttention(nn.Module):
         check_nhwc(x, who)
         heads = resolve_heads(x.shape[-1], self.num_heads, self.max_heads, who)
         y, height = AxialLayer(heads, 1, self.max_span, self.dtype, name="height_attention")(x, who)
-        self.sow("intermediates", "height", height)
+        sow_map(self, "height", height)
         y, width = AxialLayer(heads, 2, self.max_span, self.dtype, name="width_attention")(y, who)
-        self.sow("intermediates", "width", width)
+        sow_map(self, "width", width)
         return y

@@ -44,7 +44,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from attnjax.blocks.primitives import block_batch_norm, global_avg_pool, reduced_channels
+from attnjax.blocks.primitives import block_batch_norm, global_avg_pool, reduced_channels, sow_map
 from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError, check_nhwc
 
@@ -105,7 +105,7 @@ class BAM(nn.Module):
         ms = bn("spatial_bn")(ms)
 
         y, gate = bam_attention(x, mc, ms)
-        self.sow("intermediates", "channel", mc)
-        self.sow("intermediates", "spatial", ms)
-        self.sow("intermediates", "attention", gate)
+        sow_map(self, "channel", mc)
+        sow_map(self, "spatial", ms)
+        sow_map(self, "attention", gate)
         return y

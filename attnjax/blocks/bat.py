@@ -66,7 +66,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.blocks.primitives import activation_function, block_batch_norm, timm_divisible_width
+from attnjax.blocks.primitives import (
+    activation_function,
+    at_least_float32,
+    block_batch_norm,
+    sow_map,
+    timm_divisible_width,
+)
 from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError, check_nhwc
 
@@ -103,9 +109,9 @@ def bilinear_weights(row_logits: jax.Array, col_logits: jax.Array, groups: int, 
     """``(P, Q)``, each (N, G, b, b), from the (N, b*b*G) logits in timm's channel order ``(g, i, j)``:
     ``P = sigmoid`` normalised over its last axis (each row sums to 1), ``Q = sigmoid`` normalised over the
     axis before it (each column sums to 1)."""
-    n = row_logits.shape[0]
-    p = jax.nn.sigmoid(row_logits).reshape(n, groups, block_size, block_size)
-    q = jax.nn.sigmoid(col_logits).reshape(n, groups, block_size, block_size)
+    n = row_logits.shape[0]  # computed in at least float32, as a softmax is (primitives/precision.py)
+    p = jax.nn.sigmoid(at_least_float32(row_logits)).reshape(n, groups, block_size, block_size)
+    q = jax.nn.sigmoid(at_least_float32(col_logits)).reshape(n, groups, block_size, block_size)
     return p / jnp.sum(p, axis=-1, keepdims=True), q / jnp.sum(q, axis=-2, keepdims=True)
 
 
@@ -173,7 +179,8 @@ class BilinearAttentionalTransform(nn.Module):
         row_logits = nn.Conv(logits, (b, 1), padding="VALID", dtype=self.dtype, name="row_conv")(rows[:, :, None])
         col_logits = nn.Conv(logits, (1, b), padding="VALID", dtype=self.dtype, name="column_conv")(cols[:, None])
         p, q = bilinear_weights(row_logits.reshape(n, logits), col_logits.reshape(n, logits), self.groups, b)
-        v = bilinear_transform(pad_to_blocks(u, b), p, q)[:, :height, :width]
+        mix = jnp.result_type(row_logits, col_logits)  # the transform in the logits' dtype
+        v = bilinear_transform(pad_to_blocks(u, b), p.astype(mix), q.astype(mix))[:, :height, :width]
         v = conv_norm_act(conv_norm_act(v, inner, "mix"), channels, "expand")
 
         if train and self.drop_rate > 0:
@@ -184,6 +191,6 @@ class BilinearAttentionalTransform(nn.Module):
                 )
             v = nn.Dropout(self.drop_rate, broadcast_dims=(1, 2), deterministic=False, name="dropout")(v)
 
-        self.sow("intermediates", "height", p)
-        self.sow("intermediates", "width", jnp.swapaxes(q, -1, -2))
+        sow_map(self, "height", p)
+        sow_map(self, "width", jnp.swapaxes(q, -1, -2))
         return x + v

@@ -75,6 +75,7 @@ from attnjax.blocks.primitives import (
     relative_tables,
     scale_for,
     softmax_in_float32,
+    sow_map,
     timm_projection,
 )
 from attnjax.validate import InputError, check_nhwc
@@ -156,5 +157,5 @@ class BottleneckAttention(nn.Module):
         height_rel, width_rel = relative_tables(self, relative_table_size(h, h), relative_table_size(w, w), d_qk)
 
         y, weights = bottleneck_attention(q, k, v, height_rel, width_rel, self.scale_pos_embed)
-        self.sow("intermediates", "attention", weights)
+        sow_map(self, "attention", weights)
         return y

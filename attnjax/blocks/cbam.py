@@ -45,6 +45,7 @@ from attnjax.blocks.primitives import (
     odd_size,
     reduced_channels,
     sigmoid_gate,
+    sow_map,
     spatial_conv,
 )
 from attnjax.validate import check_nhwc
@@ -95,6 +96,6 @@ class CBAM(nn.Module):
         mlp = self.channel_mlp(x.shape[-1])
         x, channel_gate = sigmoid_gate(x, self.channel_logits(mlp, x))
         x, spatial_gate = sigmoid_gate(x, self.spatial_logits(self.spatial_pool(x), k, train))
-        self.sow("intermediates", "channel", channel_gate)
-        self.sow("intermediates", "spatial", spatial_gate)
+        sow_map(self, "channel", channel_gate)
+        sow_map(self, "spatial", spatial_gate)
         return x

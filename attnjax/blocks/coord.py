@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import block_batch_norm, directional_pool, reduced_channels
+from attnjax.blocks.primitives import block_batch_norm, directional_pool, reduced_channels, sow_map
 from attnjax.layers import BATCH_AXIS
 from attnjax.validate import check_nhwc
 
@@ -91,6 +91,6 @@ class CoordinateAttention(nn.Module):
         logits_w = nn.Conv(channels, (1, 1), dtype=self.dtype, name="expand_w")(f_w)
 
         y, a_h, a_w = coordinate_gate(x, logits_h, logits_w)
-        self.sow("intermediates", "height", a_h)
-        self.sow("intermediates", "width", a_w)
+        sow_map(self, "height", a_h)
+        sow_map(self, "width", a_w)
         return y

@@ -46,7 +46,11 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.primitives import reduced_channels
+from attnjax.blocks.primitives import (
+    reduced_channels,
+    softmax_in_float32,
+    sow_map,
+)
 from attnjax.validate import InputError, check_nhwc
 
 
@@ -61,9 +65,11 @@ def criss_cross_attention(query: jax.Array, key: jax.Array, value: jax.Array) ->
     column = jnp.einsum("nhwc,ngwc->nhwg", query, key)  # (N, H, W, H): u = (h, w) against (g, w)
     column = jnp.where(jnp.eye(h, dtype=bool)[:, None, :], -jnp.inf, column)
     row = jnp.einsum("nhwc,nhvc->nhwv", query, key)  # (N, H, W, W): u = (h, w) against (h, v)
-    attention = jax.nn.softmax(jnp.concatenate([column, row], axis=-1), axis=-1)
-    out = jnp.einsum("nhwg,ngwc->nhwc", attention[..., :h], value)
-    out = out + jnp.einsum("nhwv,nhvc->nhwc", attention[..., h:], value)
+    logits = jnp.concatenate([column, row], axis=-1)
+    attention = softmax_in_float32(logits)  # the map, float32; the products in the logits' dtype
+    a = attention.astype(logits.dtype)
+    out = jnp.einsum("nhwg,ngwc->nhwc", a[..., :h], value)
+    out = out + jnp.einsum("nhwv,nhvc->nhwc", a[..., h:], value)
     return out, attention
 
 
@@ -98,7 +104,7 @@ class CrissCrossAttention(nn.Module):
         y = x
         for _ in range(self.recurrence):  # the same layers each loop: RCCA shares its weights
             out, attention = criss_cross_attention(query(y), key(y), value(y))
-            self.sow("intermediates", "attention", attention)
+            sow_map(self, "attention", attention)
             y, out, g = promote_dtype(y, out, gamma, dtype=self.dtype)
             y = y + g * out
         return y

@@ -59,7 +59,11 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.primitives import reduced_channels
+from attnjax.blocks.primitives import (
+    reduced_channels,
+    softmax_in_float32,
+    sow_map,
+)
 from attnjax.validate import InputError, check_nhwc
 
 CHANNEL_ENERGIES = ("official", "paper")
@@ -76,8 +80,9 @@ def position_attention(query: jax.Array, key: jax.Array, value: jax.Array) -> tu
     def flat(a):
         return a.reshape(n, h * w, a.shape[-1])
 
-    attention = jax.nn.softmax(jnp.einsum("nic,njc->nij", flat(query), flat(key)), axis=-1)
-    out = jnp.einsum("nij,njc->nic", attention, flat(value))
+    logits = jnp.einsum("nic,njc->nij", flat(query), flat(key))
+    attention = softmax_in_float32(logits)  # the map, float32; the product in the logits' dtype
+    out = jnp.einsum("nij,njc->nic", attention.astype(logits.dtype), flat(value))
     return out.reshape(n, h, w, c_v), attention
 
 
@@ -95,8 +100,8 @@ def channel_attention(x: jax.Array, channel_energy: str = "official") -> tuple[j
     gram = jnp.einsum("npc,npd->ncd", a, a)
     if channel_energy == "official":
         gram = jnp.max(gram, axis=-1, keepdims=True) - gram
-    attention = jax.nn.softmax(gram, axis=-1)
-    out = jnp.einsum("ncd,npd->npc", attention, a)
+    attention = softmax_in_float32(gram)  # the map, float32; the product in the Gram matrix's dtype
+    out = jnp.einsum("ncd,npd->npc", attention.astype(gram.dtype), a)
     return out.reshape(n, h, w, c), attention
 
 
@@ -131,6 +136,6 @@ class DualAttention(nn.Module):
         beta = self.param("beta", nn.initializers.zeros, ())
         x_c, alpha, beta = promote_dtype(x, alpha, beta, dtype=self.dtype)
         e_cam, channel = channel_attention(x_c, self.channel_energy)
-        self.sow("intermediates", "position", position)
-        self.sow("intermediates", "channel", channel)
+        sow_map(self, "position", position)
+        sow_map(self, "channel", channel)
         return x + alpha * e_pam + beta * e_cam

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.primitives import gate_function, global_avg_pool, odd_size
+from attnjax.blocks.primitives import gate_function, global_avg_pool, odd_size, sow_map
 from attnjax.validate import InputError, check_nhwc
 
 
@@ -133,5 +133,5 @@ class EfficientChannelAttention(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=(), out_axis=()), (k,))
         z, kernel = promote_dtype(global_avg_pool(x), kernel, dtype=self.dtype)
         gate = gate_fn(self.channel_conv(z, kernel))
-        self.sow("intermediates", "attention", gate)
+        sow_map(self, "attention", gate)
         return x * gate  # as sigmoid_gate: the same promotion as before the timm options

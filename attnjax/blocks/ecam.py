@@ -46,7 +46,7 @@ import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
 from attnjax.blocks.eca import adaptive_kernel_size
-from attnjax.blocks.primitives import global_avg_pool, sigmoid_gate
+from attnjax.blocks.primitives import global_avg_pool, sigmoid_gate, sow_map
 from attnjax.validate import InputError, check_nhwc
 
 
@@ -109,5 +109,5 @@ class EfficientChannelAttentionMLP(nn.Module):
         )
         z, *params = promote_dtype(global_avg_pool(x), *params, dtype=self.dtype)
         y, gate = sigmoid_gate(x, mlp_channel_conv(z, *params))
-        self.sow("intermediates", "attention", gate)
+        sow_map(self, "attention", gate)
         return y

@@ -41,7 +41,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from attnjax.blocks.primitives import activation_function, directional_pool, gate_function, odd_size, strip_conv
+from attnjax.blocks.primitives import (
+    activation_function,
+    directional_pool,
+    gate_function,
+    odd_size,
+    sow_map,
+    strip_conv,
+)
 from attnjax.layers import layer_norm
 from attnjax.validate import check_nhwc
 
@@ -89,6 +96,6 @@ class EfficientLocalAttention(nn.Module):
 
         z_h, z_w = directional_pool(x)
         y, a_h, a_w = strip_gates(x, direction(z_h, 1, "h"), direction(z_w, 2, "w"), gate)
-        self.sow("intermediates", "height", a_h)
-        self.sow("intermediates", "width", a_w)
+        sow_map(self, "height", a_h)
+        sow_map(self, "width", a_w)
         return y + x if self.has_skip else y

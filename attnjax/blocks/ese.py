@@ -34,7 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from attnjax.blocks.primitives import global_avg_pool
+from attnjax.blocks.primitives import global_avg_pool, sow_map
 from attnjax.validate import InputError, check_nhwc
 
 GATES = {"hard_sigmoid": jax.nn.hard_sigmoid, "sigmoid": jax.nn.sigmoid}
@@ -71,5 +71,5 @@ class EffectiveSqueezeExcitation(nn.Module):
         gate_function(self.gate)  # a bad name fails here, before any parameter is made
         logits = nn.Dense(x.shape[-1], dtype=self.dtype, name="fc")(global_avg_pool(x))
         y, weights = ese_attention(x, logits, self.gate)
-        self.sow("intermediates", "attention", weights)
+        sow_map(self, "attention", weights)
         return y

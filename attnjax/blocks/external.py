@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.primitives import block_batch_norm, spatial_softmax
+from attnjax.blocks.primitives import block_batch_norm, sow_map, spatial_softmax
 from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError, check_nhwc
 
@@ -83,8 +83,9 @@ def external_attention(
     ``features`` is NHWC (N, H, W, C), ``memory_key`` (C, S), ``memory_value`` (S, C). Returns
     ``(F_out, A)``: F_out of the shape of ``features``, A of shape (N, H, W, S).
     """
-    attention = double_normalisation(features @ memory_key)
-    return attention @ memory_value, attention
+    logits = features @ memory_key
+    attention = double_normalisation(logits)  # float32 (the map); the product in the logits' dtype
+    return attention.astype(logits.dtype) @ memory_value, attention
 
 
 class ExternalAttention(nn.Module):
@@ -116,5 +117,5 @@ class ExternalAttention(nn.Module):
 
         out = nn.Conv(channels, (1, 1), use_bias=False, kernel_init=init, dtype=self.dtype, name="conv_out")(out)
         out = block_batch_norm(self, train, "conv_out_bn")(out)
-        self.sow("intermediates", "attention", attention)
+        sow_map(self, "attention", attention)
         return nn.relu(x + out)

@@ -57,7 +57,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import activation_function, attention_pool, bottleneck_width, global_avg_pool
+from attnjax.blocks.primitives import activation_function, attention_pool, bottleneck_width, global_avg_pool, sow_map
 from attnjax.layers import layer_norm
 from attnjax.validate import InputError, check_nhwc
 
@@ -137,5 +137,5 @@ class GlobalContext(nn.Module):
             epsilon=self.norm_eps,
         )
 
-        self.sow("intermediates", "attention", weights)
+        sow_map(self, "attention", weights)
         return self.fuse(x, t)

@@ -58,7 +58,7 @@ from __future__ import annotations
 import jax
 
 from attnjax.blocks.gc import GlobalContext
-from attnjax.blocks.primitives import gate_function
+from attnjax.blocks.primitives import gate_function, sow_map
 
 
 class GlobalContextGate(GlobalContext):
@@ -76,5 +76,5 @@ class GlobalContextGate(GlobalContext):
         """Fusion by scaling: ``g = sigmoid(t)`` (or ``gate_layer``), ``y = x * g``; sows ``g`` as
         ``intermediates/channel``."""
         gate = gate_function(self.gate_layer)(t)
-        self.sow("intermediates", "channel", gate)
+        sow_map(self, "channel", gate)
         return x * gate

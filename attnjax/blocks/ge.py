@@ -101,6 +101,7 @@ from attnjax.blocks.primitives import (
     gate_function,
     global_avg_pool,
     global_max_pool,
+    sow_map,
 )
 from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError, check_nhwc
@@ -270,5 +271,5 @@ class GatherExcite(nn.Module):
         if self.use_mlp:
             g = excitation_mlp(channels, hidden, self.dtype, activation=activation)(g)
         y, s = excite(x, g, global_extent=self.extent == 0, gate=gate)
-        self.sow("intermediates", "attention", s)
+        sow_map(self, "attention", s)
         return y

@@ -86,6 +86,7 @@ from attnjax.blocks.primitives import (
     relative_tables,
     scale_for,
     softmax_in_float32,
+    sow_map,
     timm_projection,
 )
 from attnjax.validate import InputError, check_nhwc
@@ -201,5 +202,5 @@ class HaloAttention(nn.Module):
         y, weights = halo_attention(
             q, k, v, height_rel, width_rel, self.block_size, self.halo_size, self.scale_pos_embed
         )
-        self.sow("intermediates", "attention", weights)
+        sow_map(self, "attention", weights)
         return y

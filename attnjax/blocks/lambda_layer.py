@@ -78,7 +78,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from attnjax.blocks.primitives import block_batch_norm, odd_size, resolve_heads, spatial_softmax
+from attnjax.blocks.primitives import block_batch_norm, odd_size, resolve_heads, sow_map, spatial_softmax
 from attnjax.layers import BATCH_AXIS
 from attnjax.validate import InputError, check_nhwc
 
@@ -165,8 +165,8 @@ class LambdaLayer(nn.Module):
         q, keys, values = projection(heads * k, "query"), projection(k, "key"), projection(v, "value")
         q = block_batch_norm(self, train, "norm_q")(q)
         values = block_batch_norm(self, train, "norm_v")(values)
-        keys = normalised_keys(keys)
-        content = content_lambda(keys, values)
+        logits, keys = keys, normalised_keys(keys)  # keys in float32 (the map); the lambdas in the logits' dtype
+        content = content_lambda(keys.astype(logits.dtype), values)
 
         if self.position_embedding == "local":
             table_shape, init = (self.r, self.r, k), nn.initializers.truncated_normal(stddev=(self.r**2 * k) ** -0.5)
@@ -185,5 +185,5 @@ class LambdaLayer(nn.Module):
         embedding, values = promote_dtype(embedding, values, dtype=self.dtype)
         position = relative_position_lambdas(embedding, values)
 
-        self.sow("intermediates", "keys", keys)
+        sow_map(self, "keys", keys)
         return apply_lambdas(q.reshape(n, h, w, heads, k), content, position)

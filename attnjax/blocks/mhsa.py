@@ -44,7 +44,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import resolve_heads
+from attnjax.blocks.primitives import (
+    at_least_float32,
+    resolve_heads,
+    softmax_in_float32,
+    sow_map,
+)
 from attnjax.ops import attention
 from attnjax.validate import check_nhwc
 
@@ -90,8 +95,8 @@ def multi_head_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def attention_weights(q: jax.Array, k: jax.Array) -> jax.Array:
     """``a = softmax_j(q_i . k_j / sqrt(d))`` for ``(N, P, heads, d)`` inputs; returns ``(N, heads, P, P)``."""
-    logits = jnp.einsum("nihd,njhd->nhij", q, k) * q.shape[-1] ** -0.5
-    return jax.nn.softmax(logits, axis=-1)
+    logits = jnp.einsum("nihd,njhd->nhij", at_least_float32(q), at_least_float32(k)) * q.shape[-1] ** -0.5
+    return softmax_in_float32(logits)  # the logits and the softmax in float32, as the attention itself
 
 
 class MultiHeadSelfAttention(nn.Module):
@@ -124,7 +129,7 @@ class MultiHeadSelfAttention(nn.Module):
         q, k, v = project("query", x_pos), project("key", x_pos), project("value", x)
         o = attention.dot_product_attention(q, k, v).reshape(n, h, w, c)
         if self.is_mutable_collection("intermediates"):
-            self.sow("intermediates", "attention", attention_weights(q, k))
+            sow_map(self, "attention", attention_weights(q, k))
         out = nn.Conv(
             c,
             (1, 1),

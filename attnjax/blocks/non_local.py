@@ -33,16 +33,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import reduced_channels
+from attnjax.blocks.primitives import (
+    reduced_channels,
+    softmax_in_float32,
+    sow_map,
+)
 from attnjax.validate import check_nhwc
 
 
 def embedded_gaussian_affinity(theta: jax.Array, phi: jax.Array) -> jax.Array:
     """``f[n, i, j] = softmax_j(theta[n, i] . phi[n, j])`` for ``(N, P, C')`` inputs; returns ``(N, P, P)``.
 
-    No 1/sqrt(C') scale: the paper's embedded Gaussian is ``exp(theta_i^T phi_j)`` normalised.
+    No 1/sqrt(C') scale: the paper's embedded Gaussian is ``exp(theta_i^T phi_j)`` normalised. Computed and
+    returned in at least float32 (:mod:`attnjax.blocks.primitives.precision`).
     """
-    return jax.nn.softmax(jnp.einsum("nic,njc->nij", theta, phi), axis=-1)
+    return softmax_in_float32(jnp.einsum("nic,njc->nij", theta, phi))
 
 
 def non_local(theta: jax.Array, phi: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -57,7 +62,7 @@ def non_local(theta: jax.Array, phi: jax.Array, g: jax.Array) -> tuple[jax.Array
         return a.reshape(n, h * w, a.shape[-1])
 
     affinity = embedded_gaussian_affinity(flat(theta), flat(phi))
-    y = jnp.einsum("nij,njc->nic", affinity, flat(g))
+    y = jnp.einsum("nij,njc->nic", affinity.astype(jnp.result_type(theta, phi)), flat(g))
     return y.reshape(n, h, w, g.shape[-1]), affinity
 
 
@@ -82,7 +87,7 @@ class NonLocalAttention(nn.Module):
         phi = nn.Conv(inner, (1, 1), dtype=self.dtype, name="phi")(x)
         g = nn.Conv(inner, (1, 1), dtype=self.dtype, name="g")(x)
         y, affinity = non_local(theta, phi, g)
-        self.sow("intermediates", "attention", affinity)
+        sow_map(self, "attention", affinity)
         w_z = nn.Conv(
             channels,
             (1, 1),

@@ -45,7 +45,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from attnjax.blocks.primitives import attention_pool, global_avg_pool, reduced_channels
+from attnjax.blocks.primitives import (
+    attention_pool,
+    global_avg_pool,
+    reduced_channels,
+    softmax_in_float32,
+    sow_map,
+)
 from attnjax.layers import layer_norm
 from attnjax.validate import check_nhwc
 
@@ -55,8 +61,9 @@ def spatial_only_logits(values: jax.Array, query: jax.Array) -> tuple[jax.Array,
 
     ``values`` and ``query`` are (N, H, W, K). Returns ``(m, s)``: m (N, H, W, 1), s (N, 1, 1, K).
     """
-    weights = jax.nn.softmax(global_avg_pool(query), axis=-1)
-    return jnp.sum(weights * values, axis=-1, keepdims=True), weights
+    logits = global_avg_pool(query)
+    weights = softmax_in_float32(logits)  # the map, float32; the sum in the logits' dtype
+    return jnp.sum(weights.astype(logits.dtype) * values, axis=-1, keepdims=True), weights
 
 
 def parallel_polarized(
@@ -103,8 +110,8 @@ class PolarizedSelfAttention(nn.Module):
         )
 
         y, channel_gate, spatial_gate = parallel_polarized(x, channel_logits, spatial_logits)
-        self.sow("intermediates", "channel", channel_gate)
-        self.sow("intermediates", "spatial", spatial_gate)
-        self.sow("intermediates", "channel_softmax", channel_weights)
-        self.sow("intermediates", "spatial_softmax", spatial_weights)
+        sow_map(self, "channel", channel_gate)
+        sow_map(self, "spatial", spatial_gate)
+        sow_map(self, "channel_softmax", channel_weights)
+        sow_map(self, "spatial_softmax", spatial_weights)
         return y

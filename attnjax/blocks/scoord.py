@@ -46,6 +46,7 @@ from attnjax.blocks.primitives import (
     additive_strip_gate,
     directional_pool,
     gate_function,
+    sow_map,
     timm_divisible_width,
 )
 from attnjax.validate import InputError, check_nhwc
@@ -86,5 +87,5 @@ class SimpleCoordinateAttention(nn.Module):
         logits_w = nn.Dense(channels, use_bias=self.bias, dtype=self.dtype, name="expand_w")(activation(reduce(z_w)))
 
         y, a = additive_strip_gate(x, logits_h, logits_w, gate)
-        self.sow("intermediates", "attention", a)
+        sow_map(self, "attention", a)
         return y + x if self.has_skip else y

@@ -52,6 +52,7 @@ from attnjax.blocks.primitives import (
     global_max_pool,
     reduced_channels,
     refuse_both_width_rules,
+    sow_map,
     timm_reduced_channels,
 )
 from attnjax.validate import check_nhwc
@@ -108,5 +109,5 @@ class SqueezeExcitation(nn.Module):
         if self.add_maxpool:
             z = 0.5 * z + 0.5 * global_max_pool(x)
         gate = gate_fn(excitation(z))
-        self.sow("intermediates", "attention", gate)
+        sow_map(self, "attention", gate)
         return x * gate  # as sigmoid_gate: the same promotion as before the timm options

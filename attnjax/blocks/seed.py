@@ -17,7 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from attnjax.blocks.primitives import reduced_channels, sigmoid_gate
+from attnjax.blocks.primitives import reduced_channels, sigmoid_gate, sow_map
 from attnjax.validate import check_nhwc
 
 
@@ -41,5 +41,5 @@ class SeedAttention(nn.Module):
         z = nn.Conv(hidden, (1, 1), dtype=self.dtype, name="reduce")(x)
         z = nn.Conv(channels, (1, 1), dtype=self.dtype, name="expand")(nn.relu(z))
         y, gate = sigmoid_gate(x, z)
-        self.sow("intermediates", "attention", gate)
+        sow_map(self, "attention", gate)
         return y

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
+from attnjax.blocks.primitives import sow_map
 from attnjax.validate import InputError, check_nhwc
 
 GN_EPSILON = 1e-5
@@ -145,6 +146,6 @@ class ShuffleAttention(nn.Module):
         ]
         x, *params = promote_dtype(x, *params, dtype=self.dtype)
         y, channel_gate, spatial_gate = shuffle_attention(x, groups, *params)
-        self.sow("intermediates", "channel", channel_gate)
-        self.sow("intermediates", "spatial", spatial_gate)
+        sow_map(self, "channel", channel_gate)
+        sow_map(self, "spatial", spatial_gate)
         return y

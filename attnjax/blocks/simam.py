@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attnjax.blocks.primitives import sow_map
 from attnjax.validate import InputError, check_nhwc
 
 SPATIAL_AXES = (1, 2)  # H and W of an NHWC array
@@ -71,5 +72,5 @@ class SimAMAttention(nn.Module):
             )
         # The weights are computed in ``dtype``; the product with x promotes, as in the other blocks.
         attention = jax.nn.sigmoid(simam_energy(x if self.dtype is None else x.astype(self.dtype), self.e_lambda))
-        self.sow("intermediates", "attention", attention)
+        sow_map(self, "attention", attention)
         return x * attention

@@ -115,6 +115,8 @@ from attnjax.blocks.primitives import (
     odd_size,
     reduced_channels,
     refuse_both_width_rules,
+    softmax_in_float32,
+    sow_map,
 )
 from attnjax.layers import BATCH_AXIS
 from attnjax.ops.grouped_conv import grouped_conv
@@ -241,8 +243,8 @@ def select_kernels(branches: jax.Array, logits: jax.Array) -> tuple[jax.Array, j
 
     ``branches``: the stacked ``U_m``, ``(N, H, W, C, M)``; ``logits``: ``(N, 1, 1, C, M)``.
     """
-    weights = jax.nn.softmax(logits, axis=-1)
-    return jnp.sum(weights * branches, axis=-1), weights
+    weights = softmax_in_float32(logits)  # the map, float32; the sum in the logits' dtype
+    return jnp.sum(weights.astype(logits.dtype) * branches, axis=-1), weights
 
 
 class SKConvNormAct(nn.Module):
@@ -369,5 +371,5 @@ class SelectiveKernelAttention(nn.Module):
         branches = jnp.stack(branches, axis=-1)  # (N, H', W', C_out, M)
         logits = SKAttn(hidden, self.dtype, self.axis_name, name="attn")(branches, train)
         y, weights = select_kernels(branches, logits)
-        self.sow("intermediates", "attention", weights)
+        sow_map(self, "attention", weights)
         return y

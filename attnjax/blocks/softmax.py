@@ -17,14 +17,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from attnjax.blocks.primitives import spatial_softmax
+from attnjax.blocks.primitives import sow_map, spatial_softmax
 from attnjax.validate import check_nhwc
 
 
 def softmax_attention(x: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``s = weights * x``, ``a = spatial_softmax(s)``, ``y = x + a``. Returns ``(y, a)``."""
-    values = spatial_softmax(weights * x)
-    return x + values, values
+    scores = weights * x
+    values = spatial_softmax(scores)  # float32 (the map); the residual in the scores' dtype
+    return x + values.astype(scores.dtype), values
 
 
 class SoftmaxAttention(nn.Module):
@@ -42,5 +43,5 @@ class SoftmaxAttention(nn.Module):
         check_nhwc(x, type(self).__name__)
         weights = nn.Conv(x.shape[-1], (1, 1), dtype=self.dtype, name="weights")(x)
         y, values = softmax_attention(x, weights)
-        self.sow("intermediates", "attention", values)
+        sow_map(self, "attention", values)
         return y

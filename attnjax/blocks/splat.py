@@ -105,11 +105,14 @@ import jax
 import jax.numpy as jnp
 
 from attnjax.blocks.primitives import (
+    at_least_float32,
     block_batch_norm,
     make_divisible,
     odd_size,
     reduced_channels,
     refuse_both_width_rules,
+    softmax_in_float32,
+    sow_map,
 )
 from attnjax.layers import BATCH_AXIS
 from attnjax.ops.grouped_conv import grouped_conv
@@ -170,12 +173,12 @@ def radix_softmax(logits: jax.Array, radix: int, cardinality: int) -> jax.Array:
     """fc2's cardinal-major logits ``(..., K*R*C/K)`` as radix weights ``(..., C, R)``.
 
     ``logits[..., k*R*C/K + r*C/K + j]`` is split r's logit for channel ``c = k*C/K + j``; the weights are
-    its softmax over r (a sigmoid when R = 1).
+    its softmax over r (a sigmoid when R = 1), computed and returned in at least float32.
     """
     *lead, width = logits.shape
     per_group = width // (radix * cardinality)
     g = logits.reshape(*lead, cardinality, radix, per_group)
-    weights = jax.nn.softmax(g, axis=-2) if radix > 1 else jax.nn.sigmoid(g)
+    weights = softmax_in_float32(g, axis=-2) if radix > 1 else jax.nn.sigmoid(at_least_float32(g))
     return jnp.swapaxes(weights, -1, -2).reshape(*lead, cardinality * per_group, radix)
 
 
@@ -277,5 +280,5 @@ class SplitAttention(nn.Module):
         logits = fc(out_channels * radix, True, "fc2")(z)  # (N, 1, 1, R*C_out), cardinal-major
         weights = radix_softmax(logits, radix, k)  # (N, 1, 1, C_out, R)
 
-        self.sow("intermediates", "attention", weights)
-        return split_attention(splits, weights)
+        sow_map(self, "attention", weights)  # float32; the weighted sum in the logits' dtype
+        return split_attention(splits, weights.astype(logits.dtype))

@@ -36,7 +36,14 @@ from typing import Any
 import flax.linen as nn
 import jax
 
-from attnjax.blocks.primitives import additive_strip_gate, directional_pool, gate_function, odd_size, strip_conv
+from attnjax.blocks.primitives import (
+    additive_strip_gate,
+    directional_pool,
+    gate_function,
+    odd_size,
+    sow_map,
+    strip_conv,
+)
 from attnjax.validate import check_nhwc
 
 
@@ -69,5 +76,5 @@ class StripAttention(nn.Module):
             t_w = strip_conv(channels, size, 2, self.bias, self.dtype, "conv_w")(t_w)
 
         y, a = additive_strip_gate(x, t_h, t_w, gate)
-        self.sow("intermediates", "attention", a)
+        sow_map(self, "attention", a)
         return y + x if self.has_skip else y

@@ -48,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnjax.blocks.primitives import block_batch_norm, odd_size
+from attnjax.blocks.primitives import block_batch_norm, odd_size, sow_map
 from attnjax.layers import BATCH_AXIS
 from attnjax.ops.single_output_conv import single_output_conv
 from attnjax.validate import check_nhwc
@@ -116,6 +116,6 @@ class TripletAttention(nn.Module):
             )(z_pool(rotate(x, branch)))
             t = block_batch_norm(self, train, f"{branch}_bn", momentum=0.99)(t)
             gate = rotate_back(jax.nn.sigmoid(t), branch)
-            self.sow("intermediates", SOWN_NAMES[branch], gate)
+            sow_map(self, SOWN_NAMES[branch], gate)
             gates.append(gate)
         return triplet_combine(x, gates)

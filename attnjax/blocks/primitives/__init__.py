@@ -1,10 +1,12 @@
 """Primitives shared by several blocks: every piece that more than one block uses lives here,
-in one module per section (``widths``, ``pooling``, ``relative``, ``strips``); this package exports them all.
+in one module per section (``precision``, ``widths``, ``pooling``, ``relative``, ``strips``); this package
+exports them all.
 
 Each is a pure function of arrays or of sizes, or (where it makes layers) a function to call inside a
 block's compact method. They are used by the blocks' files and exported from :mod:`attnjax.blocks` for
 use in your own modules. The sections:
 
+- the precision rule (softmax and sown maps in float32): :func:`softmax_in_float32`, :func:`sow_map`;
 - widths and gates: :func:`reduced_channels`, :func:`sigmoid_gate`, :func:`excitation_mlp`; timm's width
   rules :func:`make_divisible`, :func:`timm_reduced_channels`, :func:`bottleneck_width`, :func:`attention_widths`
   and its activation names :func:`gate_function`, :func:`activation_function`;
@@ -28,6 +30,11 @@ from attnjax.blocks.primitives.pooling import (  # noqa: F401
     spatial_conv,
     spatial_softmax,
 )
+from attnjax.blocks.primitives.precision import (  # noqa: F401
+    at_least_float32,
+    softmax_in_float32,
+    sow_map,
+)
 from attnjax.blocks.primitives.relative import (  # noqa: F401
     attention_logits,
     rel_to_abs,
@@ -36,7 +43,6 @@ from attnjax.blocks.primitives.relative import (  # noqa: F401
     relative_table_size,
     relative_tables,
     scale_for,
-    softmax_in_float32,
     timm_projection,
     truncated_normal_init,
 )

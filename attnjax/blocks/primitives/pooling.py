@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attnjax.blocks.primitives.precision import softmax_in_float32
 from attnjax.ops.single_output_conv import single_output_conv
 
 SPATIAL_AXES = (-3, -2)  # H and W of an NHWC array
@@ -25,8 +26,11 @@ def global_max_pool(x: jax.Array) -> jax.Array:
 
 
 def spatial_softmax(scores: jax.Array) -> jax.Array:
-    """``softmax`` over the H and W axes of NHWC ``scores``, separately per image and channel."""
-    return jax.nn.softmax(scores, axis=SPATIAL_AXES)
+    """``softmax`` over the H and W axes of NHWC ``scores``, separately per image and channel, in float32.
+
+    Computed and returned in at least float32 (:mod:`.precision`); cast it to the compute dtype for products.
+    """
+    return softmax_in_float32(scores, axis=SPATIAL_AXES)
 
 
 def attention_pool(x: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -36,8 +40,8 @@ def attention_pool(x: jax.Array, logits: jax.Array) -> tuple[jax.Array, jax.Arra
     Returns ``(c, a)``: c of shape (N, 1, 1, C), a of the shape of ``logits``. GC's context
     modelling and PSA's channel-only pooling.
     """
-    weights = spatial_softmax(logits)
-    return jnp.sum(weights * x, axis=(1, 2), keepdims=True), weights
+    weights = spatial_softmax(logits)  # float32; the sum runs in the inputs' dtype
+    return jnp.sum(weights.astype(jnp.result_type(x, logits)) * x, axis=(1, 2), keepdims=True), weights
 
 
 def spatial_conv(kernel_size: int, dtype=None, use_bias: bool = True) -> nn.Conv:

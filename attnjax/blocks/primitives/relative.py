@@ -82,11 +82,6 @@ def attention_logits(content: jax.Array, relative: jax.Array, scale: float, scal
     return (content + relative) * scale if scale_pos_embed else content * scale + relative
 
 
-def softmax_in_float32(logits: jax.Array) -> jax.Array:
-    """Softmax over the last axis, computed in at least float32 (float64 stays float64)."""
-    return jax.nn.softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), axis=-1)
-
-
 def truncated_normal_init(stddev: float):
     """timm's ``trunc_normal_(std=stddev)``: N(0, stddev^2) cut to [-2, 2] (absolute bounds, not in units of stddev).
 
