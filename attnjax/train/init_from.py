@@ -21,6 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from attnjax import models
 from attnjax.data.pretrained_transforms import PretrainedConfig
@@ -50,14 +51,6 @@ def read(config) -> pretrained.Pretrained | None:
         raise InputError(f"--init-from {config.init_from}: {error}") from None
 
 
-def _paths(tree, prefix=()) -> list[tuple[str, ...]]:
-    return [
-        path
-        for key, value in tree.items()
-        for path in (_paths(value, (*prefix, key)) if isinstance(value, dict) else [(*prefix, key)])
-    ]
-
-
 def initialise(state, loaded: pretrained.Pretrained, source: str):
     """``state`` with ``loaded``'s variables in place; returns ``(state, note, record)``.
 
@@ -78,8 +71,8 @@ def initialise(state, loaded: pretrained.Pretrained, source: str):
             f"--init-from {source}: {error} (the weights are {loaded.config.architecture}'s with its own "
             "attention; with another --block, start from the weights of the network without it, e.g. resnet50)"
         ) from None
-    given = set(_paths(variables))
-    every = _paths(fresh)
+    given = set(traverse_util.flatten_dict(variables))
+    every = list(traverse_util.flatten_dict(fresh))
     new = ["/".join(path) for path in every if path not in given]
     merged = jax.tree.map(jnp.asarray, merged)
     state = state.replace(params=merged["params"], batch_stats=merged.get("batch_stats", {}))
